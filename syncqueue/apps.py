@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class SyncqueueConfig(AppConfig):
+    name = "syncqueue"
+    verbose_name = "Sync queue"

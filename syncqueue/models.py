@@ -1,0 +1,1 @@
+"""The durable sync queue: twins, sync events and conflicts."""

@@ -1,0 +1,69 @@
+"""Shared test fixtures: the named users, a project, and API clients.
+
+alice is the admin, bob a staff user, charlie a user with no special rights.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from trackers.builtin.models import Project
+
+
+@pytest.fixture(autouse=True)
+def media_root(settings, tmp_path):
+    """Attachments of each test go to their own folder."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
+def _user(username: str, **flags):
+    user = get_user_model().objects.create_user(
+        username, f"{username}@example.org", "password-" + username, first_name=username.title(), **flags
+    )
+    return user
+
+
+@pytest.fixture
+def alice(db):
+    return _user("alice", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def bob(db):
+    return _user("bob", is_staff=True)
+
+
+@pytest.fixture
+def charlie(db):
+    return _user("charlie")
+
+
+@pytest.fixture
+def project(db):
+    return Project.objects.create(key="BLUE", name="Blue project")
+
+
+def _api_client(user) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def alice_api(alice):
+    return _api_client(alice)
+
+
+@pytest.fixture
+def bob_api(bob):
+    return _api_client(bob)
+
+
+@pytest.fixture
+def charlie_api(charlie):
+    return _api_client(charlie)

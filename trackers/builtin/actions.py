@@ -1,0 +1,362 @@
+"""Every write to the built-in tracker goes through these functions.
+
+They validate (raising Django's ValidationError with a per-field message), keep the
+issue's ``updated``/``updated_by`` current for any change to the issue, its comments or
+its attachments, and send ``trackers.signals.entity_changed`` once the write has
+committed. Views, the REST API and the adapter all call them.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from collections.abc import Iterable, Mapping
+from typing import IO, Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.core.files.base import File
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from trackers.base import Person, sha256_of
+from trackers.builtin.models import Attachment, Comment, Issue, Label, Priority, Project, Status
+from trackers.signals import entity_changed
+
+User = get_user_model()
+
+KIND = "builtin"
+ISSUE_FIELDS = (
+    "summary",
+    "description",
+    "status",
+    "priority",
+    "type",
+    "assignee",
+    "reporter",
+    "labels",
+    "custom_fields",
+)
+LABEL_PATTERN = re.compile(r"^[^\s,]{1,50}$")
+MAX_DESCRIPTION = 100_000
+MAX_COMMENT = 100_000
+MAX_CUSTOM_FIELDS_BYTES = 20_000
+
+
+def person(user) -> Person | None:
+    if user is None:
+        return None
+    return Person(id=user.get_username(), name=user.get_full_name() or user.get_username(), email=user.email or "")
+
+
+def _notify(issue_key: str, change: str, actor) -> None:
+    transaction.on_commit(
+        lambda: entity_changed.send(sender=KIND, key=issue_key, change=change, actor=person(actor)), robust=True
+    )
+
+
+def _touch(issue: Issue, actor) -> None:
+    issue.updated = timezone.now()
+    issue.updated_by = actor
+    Issue.objects.filter(pk=issue.pk).update(updated=issue.updated, updated_by=actor)
+
+
+# --- resolving and checking field values -------------------------------------------------
+
+
+def resolve_project(project: Project | str) -> Project:
+    if isinstance(project, Project):
+        return project
+    if not isinstance(project, str) or not project:
+        raise ValidationError({"project": "Give a project key, e.g. BLUE."})
+    try:
+        return Project.objects.get(key=project.upper())
+    except Project.DoesNotExist:
+        raise ValidationError({"project": f"No project with key {project!r}."}) from None
+
+
+def resolve_status(name: Any) -> Status:
+    if isinstance(name, Status):
+        return name
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError({"status": "Give a status name."})
+    status = Status.objects.filter(name__iexact=name.strip()).first()
+    if status is None:
+        known = ", ".join(Status.objects.values_list("name", flat=True))
+        raise ValidationError({"status": f"Unknown status {name!r} (known: {known})."})
+    return status
+
+
+def resolve_priority(name: Any) -> Priority | None:
+    if name is None or name == "" or isinstance(name, Priority):
+        return name or None
+    if not isinstance(name, str):
+        raise ValidationError({"priority": "Give a priority name or null."})
+    priority = Priority.objects.filter(name__iexact=name.strip()).first()
+    if priority is None:
+        known = ", ".join(Priority.objects.values_list("name", flat=True))
+        raise ValidationError({"priority": f"Unknown priority {name!r} (known: {known})."})
+    return priority
+
+
+def resolve_user(field: str, username: Any):
+    if username is None or username == "":
+        return None
+    if isinstance(username, User):
+        return username
+    if not isinstance(username, str):
+        raise ValidationError({field: "Give a username or null."})
+    try:
+        return User.objects.get(username=username, is_active=True)
+    except User.DoesNotExist:
+        raise ValidationError({field: f"No active user {username!r}."}) from None
+
+
+def clean_labels(labels: Any) -> list[str]:
+    if isinstance(labels, str) or not isinstance(labels, Iterable):
+        raise ValidationError({"labels": "Give a list of labels."})
+    result = set()
+    for label in labels:
+        if not isinstance(label, str) or not LABEL_PATTERN.match(label):
+            raise ValidationError({"labels": f"Invalid label {label!r}: 1 to 50 characters, no spaces or commas."})
+        result.add(label)
+    if len(result) > 100:
+        raise ValidationError({"labels": "At most 100 labels."})
+    return sorted(result)
+
+
+def clean_custom_fields(current: Mapping[str, Any], changes: Any) -> dict[str, Any]:
+    """``current`` with ``changes`` merged in; a None value removes that field."""
+    if not isinstance(changes, Mapping):
+        raise ValidationError({"custom_fields": "Give an object of field name to value."})
+    merged = dict(current)
+    for name, value in changes.items():
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise ValidationError({"custom_fields": f"Invalid field name {name!r}."})
+        if value is None:
+            merged.pop(name, None)
+        elif isinstance(value, (str, int, float, bool)) or (
+            isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value)
+        ):
+            merged[name] = value
+        else:
+            raise ValidationError({"custom_fields": f"{name}: values are text, numbers, true/false or lists of them."})
+    if len(repr(merged)) > MAX_CUSTOM_FIELDS_BYTES:
+        raise ValidationError({"custom_fields": f"Too large (over {MAX_CUSTOM_FIELDS_BYTES} characters)."})
+    return merged
+
+
+def _clean_text(field: str, value: Any, *, required: bool, max_length: int) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise ValidationError({field: "Must be text."})
+    if field in ("summary", "type"):
+        value = value.strip()
+    if required and not value.strip():
+        raise ValidationError({field: "This field may not be blank."})
+    if len(value) > max_length:
+        raise ValidationError({field: f"At most {max_length} characters (got {len(value)})."})
+    if "\x00" in value:
+        raise ValidationError({field: "Must not contain NUL characters."})
+    return value
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    unknown = sorted(set(fields) - set(ISSUE_FIELDS))
+    if unknown:
+        raise ValidationError({unknown[0]: f"Unknown field (known: {', '.join(ISSUE_FIELDS)})."})
+
+
+# --- issues ------------------------------------------------------------------------------
+
+
+def default_status() -> Status:
+    status = Status.objects.first()
+    if status is None:
+        raise ValidationError({"status": "No statuses are configured; add one in the admin."})
+    return status
+
+
+@transaction.atomic
+def create_issue(project: Project | str, fields: Mapping[str, Any], actor=None) -> Issue:
+    """A new issue in ``project``. ``fields`` as ISSUE_FIELDS; the reporter defaults to ``actor``."""
+    _check_fields(fields)
+    project = resolve_project(project)
+    if "status" in fields and fields["status"] not in (None, ""):
+        status = resolve_status(fields["status"])
+    else:
+        status = default_status()
+    if "priority" in fields:
+        priority = resolve_priority(fields["priority"])
+    else:
+        priority = Priority.objects.filter(is_default=True).first()
+    issue = Issue(
+        project=project,
+        summary=_clean_text("summary", fields.get("summary"), required=True, max_length=255),
+        description=_clean_text("description", fields.get("description"), required=False, max_length=MAX_DESCRIPTION),
+        type=_clean_text("type", fields.get("type", "Task"), required=True, max_length=40),
+        status=status,
+        priority=priority,
+        assignee=resolve_user("assignee", fields.get("assignee")),
+        reporter=resolve_user("reporter", fields["reporter"]) if "reporter" in fields else actor,
+        custom_fields=clean_custom_fields({}, fields.get("custom_fields") or {}),
+        updated_by=actor,
+    )
+    labels = clean_labels(fields.get("labels") or [])
+    # The row lock serialises concurrent creates in one project, so numbers never repeat.
+    Project.objects.filter(pk=project.pk).update(next_number=F("next_number") + 1)
+    number = Project.objects.select_for_update().values_list("next_number", flat=True).get(pk=project.pk) - 1
+    issue.number = number
+    issue.key = f"{project.key}-{number}"
+    issue.created = issue.updated = timezone.now()
+    issue.save()
+    Label.objects.bulk_create([Label(issue=issue, name=name) for name in labels])
+    _notify(issue.key, "created", actor)
+    return issue
+
+
+@transaction.atomic
+def update_issue(issue: Issue, fields: Mapping[str, Any], actor=None) -> set[str]:
+    """Apply only the given fields; returns the names that really changed (nothing bumps otherwise)."""
+    _check_fields(fields)
+    issue = Issue.objects.select_for_update().get(pk=issue.pk)
+    changed: set[str] = set()
+
+    def assign(name: str, value: Any) -> None:
+        if getattr(issue, name) != value:
+            setattr(issue, name, value)
+            changed.add(name)
+
+    for name, value in fields.items():
+        if name == "summary":
+            assign(name, _clean_text(name, value, required=True, max_length=255))
+        elif name == "description":
+            assign(name, _clean_text(name, value, required=False, max_length=MAX_DESCRIPTION))
+        elif name == "type":
+            assign(name, _clean_text(name, value, required=True, max_length=40))
+        elif name == "status":
+            assign(name, resolve_status(value))
+        elif name == "priority":
+            assign(name, resolve_priority(value))
+        elif name in ("assignee", "reporter"):
+            assign(name, resolve_user(name, value))
+        elif name == "custom_fields":
+            assign(name, clean_custom_fields(issue.custom_fields, value))
+        elif name == "labels":
+            labels = clean_labels(value)
+            if labels != issue.label_names:
+                issue.labels.all().delete()
+                Label.objects.bulk_create([Label(issue=issue, name=label) for label in labels])
+                changed.add(name)
+    if changed:
+        issue.updated = timezone.now()
+        issue.updated_by = actor
+        issue.save()
+        _notify(issue.key, "updated", actor)
+    return changed
+
+
+@transaction.atomic
+def delete_issue(issue: Issue, actor=None) -> None:
+    files = [a.file.name for a in issue.attachments.all()]
+    key = issue.key
+    issue.delete()
+    transaction.on_commit(lambda: _delete_files(files))
+    _notify(key, "deleted", actor)
+
+
+# --- comments ----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def add_comment(issue: Issue, body: Any, actor=None) -> Comment:
+    body = _clean_text("body", body, required=True, max_length=MAX_COMMENT)
+    now = timezone.now()
+    comment = Comment.objects.create(issue=issue, author=actor, body=body, created=now, updated=now)
+    _touch(issue, actor)
+    _notify(issue.key, "comment_added", actor)
+    return comment
+
+
+@transaction.atomic
+def edit_comment(comment: Comment, body: Any, actor=None) -> Comment:
+    body = _clean_text("body", body, required=True, max_length=MAX_COMMENT)
+    if body != comment.body:
+        comment.body = body
+        comment.updated = timezone.now()
+        comment.save(update_fields=["body", "updated"])
+        _touch(comment.issue, actor)
+        _notify(comment.issue.key, "comment_updated", actor)
+    return comment
+
+
+@transaction.atomic
+def delete_comment(comment: Comment, actor=None) -> None:
+    issue = comment.issue
+    comment.delete()
+    _touch(issue, actor)
+    _notify(issue.key, "comment_deleted", actor)
+
+
+# --- attachments -------------------------------------------------------------------------
+
+
+def _delete_files(names: list[str]) -> None:
+    from django.core.files.storage import default_storage
+
+    for name in names:
+        default_storage.delete(name)
+
+
+def clean_filename(filename: Any) -> str:
+    if not isinstance(filename, str):
+        raise ValidationError({"filename": "Must be text."})
+    # Keep only the last path part: a name is a label, never a place on disk.
+    name = re.split(r"[\\/]", filename)[-1].strip().replace("\x00", "")
+    if not name or name in (".", ".."):
+        raise ValidationError({"filename": "Give a file name."})
+    return name[:255]
+
+
+def _chunks(content: IO[bytes]):
+    while chunk := content.read(64 * 1024):
+        yield chunk
+
+
+@transaction.atomic
+def add_attachment(issue: Issue, filename: Any, content: IO[bytes], content_type: str | None = None, actor=None):
+    filename = clean_filename(filename)
+    content_type = (content_type or mimetypes.guess_type(filename)[0] or "application/octet-stream")[:100]
+    limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
+    content.seek(0)
+    digest, size = sha256_of(_chunks(content))
+    if size > limit:
+        raise ValidationError({"file": f"File too large: {size} bytes, the limit is {limit}."})
+    content.seek(0)
+    attachment = Attachment(
+        issue=issue, filename=filename, size=size, content_type=content_type, sha256=digest, author=actor
+    )
+    attachment.file.save(filename, File(content), save=False)
+    # If the row cannot be saved, the stored file must not be left behind.
+    stored = attachment.file.name
+    try:
+        attachment.save()
+    except Exception:
+        _delete_files([stored])
+        raise
+    _touch(issue, actor)
+    _notify(issue.key, "attachment_added", actor)
+    return attachment
+
+
+@transaction.atomic
+def remove_attachment(attachment: Attachment, actor=None) -> None:
+    issue = attachment.issue
+    name = attachment.file.name
+    attachment.delete()
+    transaction.on_commit(lambda: _delete_files([name]))
+    _touch(issue, actor)
+    _notify(issue.key, "attachment_removed", actor)

@@ -1,0 +1,267 @@
+"""The built-in tracker behind the tracker contract (``trackers.base.Tracker``)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from io import BytesIO
+from typing import IO, Any
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import Prefetch, Q, QuerySet
+from django.utils.dateparse import parse_datetime
+
+from trackers.base import Attachment, Comment, Entity, NotFound, Page, Person, TrackerError
+from trackers.builtin import actions, models, query
+
+# A write that commits late can carry an ``updated`` slightly older than a pass that has
+# already moved on; re-reading this much before the watermark catches it.
+CHANGE_OVERLAP = timedelta(seconds=2)
+MAX_PAGE = 500
+
+
+def _validation_message(error: ValidationError) -> str:
+    if hasattr(error, "error_dict"):
+        return "; ".join(f"{field}: {' '.join(messages)}" for field, messages in error.message_dict.items())
+    return " ".join(error.messages)
+
+
+def _translated(method):
+    """Turn everything below the contract into TrackerError, permanent or not."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except TrackerError:
+            raise
+        except ValidationError as e:
+            raise TrackerError(_validation_message(e), permanent=True) from e
+        except query.QueryError as e:
+            raise TrackerError(f"invalid query: {e}", permanent=True) from e
+        except IntegrityError as e:
+            # A concurrent write won a race (e.g. a label added twice); trying again settles it.
+            raise TrackerError(f"conflicting concurrent write: {e}", permanent=False) from e
+        except DatabaseError as e:
+            raise TrackerError(f"database unavailable: {e}", permanent=False) from e
+
+    return wrapper
+
+
+def _encode_cursor(**values: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
+
+
+def _decode_cursor(cursor: str, *names: str) -> dict[str, Any]:
+    try:
+        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(values, dict) or set(values) != set(names):
+            raise ValueError
+        return values
+    except (ValueError, TypeError, UnicodeError):
+        raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True) from None
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or limit < 1:
+        raise TrackerError("limit must be a positive whole number", permanent=True)
+    return min(limit, MAX_PAGE)
+
+
+def issue_queryset() -> QuerySet[models.Issue]:
+    """Issues with everything ``to_entity`` reads, in a fixed number of queries."""
+    return models.Issue.objects.select_related(
+        "project", "status", "priority", "assignee", "reporter", "updated_by"
+    ).prefetch_related(
+        "labels",
+        Prefetch("comments", queryset=models.Comment.objects.select_related("author")),
+        Prefetch("attachments", queryset=models.Attachment.objects.select_related("author")),
+    )
+
+
+def to_comment(comment: models.Comment) -> Comment:
+    return Comment(
+        id=str(comment.pk),
+        author=actions.person(comment.author),
+        body=comment.body,
+        created=comment.created,
+        updated=comment.updated,
+    )
+
+
+def to_attachment(attachment: models.Attachment) -> Attachment:
+    return Attachment(
+        id=str(attachment.pk),
+        filename=attachment.filename,
+        size=attachment.size,
+        content_type=attachment.content_type,
+        sha256=attachment.sha256,
+        created=attachment.created,
+        author=actions.person(attachment.author),
+        opener=functools.partial(_open_file, attachment.file.storage, attachment.file.name),
+    )
+
+
+def _open_file(storage, name: str) -> IO[bytes]:
+    try:
+        return storage.open(name, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"attachment file {name} is missing from storage") from None
+    except OSError as e:
+        raise TrackerError(f"cannot read attachment {name}: {e}", permanent=False) from e
+
+
+def to_entity(issue: models.Issue) -> Entity:
+    return Entity(
+        key=issue.key,
+        id=str(issue.pk),
+        project=issue.project.key,
+        type=issue.type,
+        summary=issue.summary,
+        description=issue.description,
+        status=issue.status.name,
+        priority=issue.priority.name if issue.priority else "",
+        assignee=actions.person(issue.assignee),
+        reporter=actions.person(issue.reporter),
+        labels=tuple(issue.label_names),
+        custom_fields=dict(issue.custom_fields),
+        created=issue.created,
+        updated=issue.updated,
+        updated_by=actions.person(issue.updated_by),
+        comments=tuple(to_comment(c) for c in issue.comments.all()),
+        attachments=tuple(to_attachment(a) for a in issue.attachments.all()),
+    )
+
+
+class BuiltinTracker:
+    """This node's own tracker. Writes are made as the ``account`` user (created if missing)."""
+
+    kind = "builtin"
+
+    def __init__(self, account: str = "sync"):
+        if not isinstance(account, str) or not account.strip():
+            raise TrackerError("the built-in tracker needs an account name", permanent=True)
+        self.account = account
+        self._user = None
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _issue(self, key: str, *, for_update: bool = False) -> models.Issue:
+        if not isinstance(key, str):
+            raise NotFound(f"no issue {key!r}")
+        queryset = models.Issue.objects.select_for_update() if for_update else models.Issue.objects
+        try:
+            return queryset.select_related("project").get(key=key.upper())
+        except models.Issue.DoesNotExist:
+            raise NotFound(f"no issue {key}") from None
+
+    @_translated
+    def get(self, key: str) -> Entity:
+        try:
+            return to_entity(issue_queryset().get(key=str(key).upper()))
+        except models.Issue.DoesNotExist:
+            raise NotFound(f"no issue {key}") from None
+
+    @_translated
+    def changed_since(self, since: datetime | None, *, cursor: str | None = None, limit: int = 100) -> Page:
+        limit = _limit(limit)
+        issues = issue_queryset().order_by("updated", "id")
+        if since is not None:
+            issues = issues.filter(updated__gte=since - CHANGE_OVERLAP)
+        if cursor:
+            position = _decode_cursor(cursor, "updated", "id")
+            after = parse_datetime(str(position["updated"]))
+            if after is None or not isinstance(position["id"], int):
+                raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True)
+            issues = issues.filter(Q(updated__gt=after) | Q(updated=after, id__gt=position["id"]))
+        found = list(issues[: limit + 1])
+        entities = tuple(to_entity(issue) for issue in found[:limit])
+        next_cursor = None
+        if len(found) > limit:
+            last = found[limit - 1]
+            next_cursor = _encode_cursor(updated=last.updated.isoformat(), id=last.pk)
+        return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
+
+    @_translated
+    def search(self, text: str, *, cursor: str | None = None, limit: int = 100) -> Page:
+        limit = _limit(limit)
+        issues = query.search(issue_queryset(), text).order_by("id")
+        if cursor:
+            after = _decode_cursor(cursor, "id")["id"]
+            if not isinstance(after, int):
+                raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True)
+            issues = issues.filter(id__gt=after)
+        found = list(issues[: limit + 1])
+        entities = tuple(to_entity(issue) for issue in found[:limit])
+        next_cursor = _encode_cursor(id=found[limit - 1].pk) if len(found) > limit else None
+        return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _actor(self):
+        if self._user is None:
+            user_model = get_user_model()
+            user, created = user_model.objects.get_or_create(
+                username=self.account, defaults={"first_name": "Sync", "last_name": "account"}
+            )
+            if created:
+                user.set_unusable_password()
+                user.save(update_fields=["password"])
+            self._user = user
+        return self._user
+
+    @_translated
+    def sync_account(self) -> Person:
+        return actions.person(self._actor())
+
+    @_translated
+    def create(self, project: str, fields: Mapping[str, Any]) -> Entity:
+        issue = actions.create_issue(project, fields, actor=self._actor())
+        return self.get(issue.key)
+
+    @_translated
+    def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
+        with transaction.atomic():
+            actions.update_issue(self._issue(key, for_update=True), fields, actor=self._actor())
+        return self.get(key)
+
+    def _comment(self, key: str, comment_id: str) -> models.Comment:
+        issue = self._issue(key)
+        try:
+            return issue.comments.select_related("issue").get(pk=int(comment_id))
+        except (ValueError, TypeError, models.Comment.DoesNotExist):
+            raise NotFound(f"no comment {comment_id} on {key}") from None
+
+    @_translated
+    def add_comment(self, key: str, body: str) -> Comment:
+        return to_comment(actions.add_comment(self._issue(key), body, actor=self._actor()))
+
+    @_translated
+    def update_comment(self, key: str, comment_id: str, body: str) -> Comment:
+        comment = actions.edit_comment(self._comment(key, comment_id), body, actor=self._actor())
+        return to_comment(comment)
+
+    @_translated
+    def delete_comment(self, key: str, comment_id: str) -> None:
+        actions.delete_comment(self._comment(key, comment_id), actor=self._actor())
+
+    @_translated
+    def add_attachment(self, key: str, filename: str, content: IO[bytes] | bytes, content_type: str) -> Attachment:
+        if isinstance(content, bytes):
+            content = BytesIO(content)
+        attachment = actions.add_attachment(self._issue(key), filename, content, content_type, actor=self._actor())
+        return to_attachment(attachment)
+
+    @_translated
+    def remove_attachment(self, key: str, attachment_id: str) -> None:
+        issue = self._issue(key)
+        try:
+            attachment = issue.attachments.select_related("issue").get(pk=int(attachment_id))
+        except (ValueError, TypeError, models.Attachment.DoesNotExist):
+            raise NotFound(f"no attachment {attachment_id} on {key}") from None
+        actions.remove_attachment(attachment, actor=self._actor())

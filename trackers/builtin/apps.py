@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class BuiltinTrackerConfig(AppConfig):
+    name = "trackers.builtin"
+    label = "builtin"
+    verbose_name = "Built-in tracker"
