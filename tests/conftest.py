@@ -14,6 +14,12 @@ from trackers.builtin.models import Project
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """The production hasher is slow on purpose; tests create many users."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def media_root(settings, tmp_path):
     """Attachments of each test go to their own folder."""
     settings.MEDIA_ROOT = tmp_path / "media"

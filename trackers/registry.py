@@ -27,4 +27,8 @@ def adapter_class(kind: str) -> type[Tracker]:
 
 def create(kind: str, **config: Any) -> Tracker:
     """An adapter of ``kind`` configured with ``config`` (URL, credentials, ...)."""
-    return adapter_class(kind)(**config)
+    cls = adapter_class(kind)
+    try:
+        return cls(**config)
+    except TypeError as e:
+        raise TrackerError(f"invalid settings for a {kind} tracker: {e}", permanent=True) from None

@@ -25,7 +25,8 @@ from trackers.builtin.models import Issue, Label, Status
 
 FIELDS = ("project", "key", "status", "priority", "type", "assignee", "reporter", "label", "is", "updated", "created")
 MAX_TERMS = 30
-_TOKEN = re.compile(r'\s*(-?)(?:(\w+):)?(?:"([^"]*)"|(\S+))')
+_TOKEN = re.compile(r'\s*(-?)(?:(\w+)(:|>=|<=|>|<))?(?:"([^"]*)"|(\S*))')
+_COMPARISONS = (">=", "<=", ">", "<")
 
 
 class QueryError(ValueError):
@@ -53,14 +54,18 @@ def parse(query: str) -> list[Term]:
         match = _TOKEN.match(query, position)
         if not match or match.end() == position:
             raise QueryError(f"cannot read the query at {query[position : position + 20]!r}")
-        negate, field, quoted, bare = match.groups()
+        negate, field, operator, quoted, bare = match.groups()
         value = quoted if quoted is not None else bare
         if field is not None:
             field = field.lower()
             if field not in FIELDS:
                 raise QueryError(f"unknown field {field!r} (known: {', '.join(FIELDS)})")
-            if not value:
+            if operator != ":":
+                value = operator + value  # updated>=DATE is written like updated:>=DATE
+            if not value or value in _COMPARISONS:
                 raise QueryError(f"{field}: needs a value")
+        elif not value:
+            raise QueryError(f"cannot read the query at {query[position : position + 20]!r}")
         terms.append(Term(field or "", value, bool(negate)))
         position = match.end()
         if len(terms) > MAX_TERMS:
@@ -107,6 +112,8 @@ def _condition(term: Term) -> Q:
             return ~Q(status__category=Status.Category.DONE)
         raise QueryError(f"is: expected open or done, got {value!r}")
     # updated / created
+    if field not in ("updated", "created"):
+        raise QueryError(f"{field}: compare with a colon, e.g. {field}:value")
     for op, lookup in ((">=", "gte"), ("<=", "lte"), (">", "gt"), ("<", "lt")):
         if value.startswith(op):
             return Q(**{f"{field}__{lookup}": _moment(field, value[len(op) :])})
