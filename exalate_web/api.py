@@ -79,8 +79,12 @@ def wants_json(request) -> bool:
 
 def body_too_large(request) -> JsonResponse | None:
     """413 when the declared body exceeds its limit; file uploads get the attachment limit."""
+    declared = request.META.get("CONTENT_LENGTH")
+    if not declared and "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+        # Without a length the body could only be limited while reading it; ask for one.
+        return JsonResponse(error_body("Send a Content-Length header; chunked bodies are not accepted."), status=411)
     try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
+        length = int(declared or 0)
     except ValueError:
         return JsonResponse(error_body("Invalid Content-Length header."), status=400)
     if request.content_type == "multipart/form-data":

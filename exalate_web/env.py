@@ -90,14 +90,14 @@ def data_dir(name: str, default: Path) -> Path:
     return path
 
 
-def secret_key(name: str, data: Path) -> str:
-    """The secret key from the environment, else one generated once and kept in ``data``."""
+def secret_key(name: str, data: Path, filename: str = "secret_key") -> str:
+    """The secret from the environment, else one generated once and kept in ``data/filename``."""
     value = env_str(name).strip()
     if value:
         if len(value) < 32:
             raise ConfigError(name, "must be at least 32 characters long")
         return value
-    key_file = data / "secret_key"
+    key_file = data / filename
     if key_file.exists():
         return key_file.read_text().strip()
     value = secrets.token_urlsafe(50)

@@ -9,6 +9,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = env.data_dir("EXALATE_DATA_DIR", BASE_DIR / "data")
 
 SECRET_KEY = env.secret_key("SECRET_KEY", DATA_DIR)
+# Encrypts connection secrets and tracker credentials at rest; separate from SECRET_KEY so
+# that rotating one does not lose the other. Back it up with the database.
+ENCRYPTION_KEY = env.secret_key("ENCRYPTION_KEY", DATA_DIR, filename="encryption_key")
 DEBUG = env.env_bool("DEBUG", False)
 ALLOWED_HOSTS = env.env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
@@ -86,6 +89,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns at every start while it is missing
 MEDIA_ROOT = DATA_DIR / "media"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -106,7 +110,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": [
-        "rest_framework.parsers.JSONParser",
+        "exalate_web.parsers.JSONBodyParser",
         "rest_framework.parsers.MultiPartParser",
         "rest_framework.parsers.FormParser",
     ],
@@ -114,6 +118,12 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "exalate_web.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+
+# Finished sync events are kept this long for the monitor, then deleted.
+SYNC_RETENTION_DAYS = env.env_int("SYNC_RETENTION_DAYS", 7, minimum=0)
+
+# How often each connection polls its tracker for changes (the built-in tracker also signals at once).
+SYNC_POLL_SECONDS = env.env_int("SYNC_POLL_SECONDS", 30, minimum=1)
 
 REDIS_URL = env.env_url("REDIS_URL", schemes=("redis", "rediss", "unix"))
 Q_CLUSTER = {

@@ -8,6 +8,7 @@ committed. Views, the REST API and the adapter all call them.
 
 from __future__ import annotations
 
+import math
 import mimetypes
 import re
 from collections.abc import Iterable, Mapping
@@ -39,7 +40,8 @@ ISSUE_FIELDS = (
     "labels",
     "custom_fields",
 )
-LABEL_PATTERN = re.compile(r"^[^\s,]{1,50}$")
+LABEL_PATTERN = re.compile(r"^[^\s,\x00-\x1f\x7f]{1,50}$")
+CONTENT_TYPE_PATTERN = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 MAX_DESCRIPTION = 100_000
 MAX_COMMENT = 100_000
 MAX_CUSTOM_FIELDS_BYTES = 20_000
@@ -127,22 +129,31 @@ def clean_labels(labels: Any) -> list[str]:
     return sorted(result)
 
 
+def _storable(value: Any) -> bool:
+    """A scalar every database's JSON column holds: no NUL in text, no infinite numbers."""
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (int, bool))
+
+
 def clean_custom_fields(current: Mapping[str, Any], changes: Any) -> dict[str, Any]:
     """``current`` with ``changes`` merged in; a None value removes that field."""
     if not isinstance(changes, Mapping):
         raise ValidationError({"custom_fields": "Give an object of field name to value."})
     merged = dict(current)
     for name, value in changes.items():
-        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+        if not isinstance(name, str) or not name.strip() or len(name) > 100 or not _storable(name):
             raise ValidationError({"custom_fields": f"Invalid field name {name!r}."})
         if value is None:
             merged.pop(name, None)
-        elif isinstance(value, (str, int, float, bool)) or (
-            isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value)
-        ):
+        elif _storable(value) or (isinstance(value, list) and all(_storable(v) for v in value)):
             merged[name] = value
         else:
-            raise ValidationError({"custom_fields": f"{name}: values are text, numbers, true/false or lists of them."})
+            raise ValidationError(
+                {"custom_fields": f"{name}: values are text, finite numbers, true/false or lists of them."}
+            )
     if len(repr(merged)) > MAX_CUSTOM_FIELDS_BYTES:
         raise ValidationError({"custom_fields": f"Too large (over {MAX_CUSTOM_FIELDS_BYTES} characters)."})
     return merged
@@ -314,8 +325,9 @@ def _delete_files(names: list[str]) -> None:
 def clean_filename(filename: Any) -> str:
     if not isinstance(filename, str):
         raise ValidationError({"filename": "Must be text."})
-    # Keep only the last path part: a name is a label, never a place on disk.
-    name = re.split(r"[\\/]", filename)[-1].strip().replace("\x00", "")
+    # Keep only the last path part: a name is a label, never a place on disk; control
+    # characters would break the Content-Disposition header of a download.
+    name = re.sub(r"[\x00-\x1f\x7f]", "", re.split(r"[\\/]", filename)[-1]).strip()
     if not name or name in (".", ".."):
         raise ValidationError({"filename": "Give a file name."})
     return name[:255]
@@ -329,7 +341,9 @@ def _chunks(content: IO[bytes]):
 @transaction.atomic
 def add_attachment(issue: Issue, filename: Any, content: IO[bytes], content_type: str | None = None, actor=None):
     filename = clean_filename(filename)
-    content_type = (content_type or mimetypes.guess_type(filename)[0] or "application/octet-stream")[:100]
+    content_type = (content_type or "").strip().lower()
+    if not CONTENT_TYPE_PATTERN.match(content_type) or len(content_type) > 100:
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
     content.seek(0)
     digest, size = sha256_of(_chunks(content))

@@ -45,6 +45,8 @@ def parse(query: str) -> list[Term]:
         raise QueryError("the query must be text")
     if len(query) > 1000:
         raise QueryError("the query is too long (at most 1000 characters)")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in query):
+        raise QueryError("the query contains control characters")
     if query.count('"') % 2:
         raise QueryError('unbalanced double quote (")')
     terms = []
@@ -74,14 +76,20 @@ def parse(query: str) -> list[Term]:
 
 
 def _moment(field: str, text: str) -> datetime:
-    moment = parse_datetime(text)
-    if moment is None:
-        day = parse_date(text) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) else None
-        if day is None:
-            raise QueryError(f"{field}: expected a date like 2026-01-31, got {text!r}")
-        moment = datetime.combine(day, time.min)
-    if timezone.is_naive(moment):
-        moment = timezone.make_aware(moment, UTC)
+    try:
+        moment = parse_datetime(text)
+        if moment is None:
+            day = parse_date(text) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text) else None
+            if day is None:
+                raise ValueError
+            moment = datetime.combine(day, time.min)
+        if timezone.is_naive(moment):
+            moment = timezone.make_aware(moment, UTC)
+        # Databases disagree at the edges of the calendar; keep to years anyone means.
+        if not 1900 <= moment.astimezone(UTC).year <= 9999:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise QueryError(f"{field}: expected a date like 2026-01-31, got {text!r}") from None
     return moment
 
 
