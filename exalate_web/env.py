@@ -72,7 +72,8 @@ def env_url(name: str, default: str = "", *, schemes: tuple[str, ...] = ("http",
     if not raw:
         return ""
     parts = urlsplit(raw)
-    if parts.scheme not in schemes or not parts.hostname:
+    located = parts.path if parts.scheme == "unix" else parts.hostname
+    if parts.scheme not in schemes or not located:
         raise ConfigError(name, f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}, got {raw!r}")
     try:
         parts.port  # noqa: B018 - urlsplit validates the port lazily
@@ -99,7 +100,10 @@ def secret_key(name: str, data: Path, filename: str = "secret_key") -> str:
         return value
     key_file = data / filename
     if key_file.exists():
-        return key_file.read_text().strip()
+        value = key_file.read_text().strip()
+        if len(value) < 32:
+            raise ConfigError(name, f"the kept key in {str(key_file)!r} is damaged; delete it or set {name}")
+        return value
     value = secrets.token_urlsafe(50)
     # Create it readable by the owner only; O_EXCL makes a concurrent start keep one key.
     try:
