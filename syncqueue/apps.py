@@ -1,6 +1,15 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class SyncqueueConfig(AppConfig):
     name = "syncqueue"
     verbose_name = "Sync queue"
+
+    def ready(self) -> None:
+        from syncqueue import tasks, triggers, views
+        from trackers import panels
+
+        post_migrate.connect(tasks.ensure_schedule, sender=self)
+        triggers.connect()
+        panels.register(views.issue_panel)

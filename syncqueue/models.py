@@ -1,1 +1,110 @@
-"""The durable sync queue: twins, sync events and conflicts."""
+"""The durable sync queue: twins (a local entity paired with a remote one) and sync events.
+
+The SyncEvent table *is* the queue: django-q2 only runs the work; the rows hold the truth.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from connections.models import Connection, RulesVersion
+
+
+class Twin(models.Model):
+    class State(models.TextChoices):
+        OK = "ok", "OK"
+        BLOCKED = "blocked", "Blocked"
+        STOPPED = "stopped", "Stopped"
+
+    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="twins")
+    # Empty until known: the local key until a first incoming sync creates the entity,
+    # the remote key until the first acknowledgement names it.
+    # NULL, not "", so that the unique constraints ignore twins whose key is not known yet.
+    local_key = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001
+    remote_key = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001
+    state = models.CharField(max_length=10, choices=State.choices, default=State.OK, db_index=True)
+    blocked_reason = models.TextField(blank=True)
+    last_sent = models.JSONField(null=True, blank=True)
+    last_sent_hash = models.CharField(max_length=64, blank=True)
+    # The last replica received: the base (`previous`) of the next incoming sync.
+    last_received = models.JSONField(null=True, blank=True)
+    last_received_hash = models.CharField(max_length=64, blank=True)
+    # Sequence numbers per direction: the last we gave a message, the last we applied.
+    out_seq = models.PositiveIntegerField(default=0)
+    in_seq = models.PositiveIntegerField(default=0)
+    # Remote comment/attachment id -> local id, for the ones the sync created here.
+    comment_map = models.JSONField(default=dict, blank=True)
+    attachment_map = models.JSONField(default=dict, blank=True)
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    last_synced = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["connection", "local_key"], condition=Q(local_key__isnull=False), name="twin_local_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["connection", "remote_key"], condition=Q(remote_key__isnull=False), name="twin_remote_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.local_key or '?'} <-> {self.remote_key or '?'}"
+
+
+class SyncEvent(models.Model):
+    class Direction(models.TextChoices):
+        OUTGOING = "outgoing", "Outgoing"
+        INCOMING = "incoming", "Incoming"
+
+    class Kind(models.TextChoices):
+        UPDATE = "update", "Update"
+        ACK = "ack", "Acknowledgement"
+        STOP = "stop", "Stop"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENDING = "sending", "Sending"
+        SENT = "sent", "Sent, awaiting acknowledgement"
+        PROCESSING = "processing", "Processing"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="events")
+    twin = models.ForeignKey(Twin, on_delete=models.CASCADE, related_name="events")
+    direction = models.CharField(max_length=10, choices=Direction.choices)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.UPDATE)
+    # Per twin and direction: the order the sender made them in.
+    seq = models.PositiveIntegerField()
+    # The idempotency key: the same message delivered twice is stored and applied once.
+    message_id = models.UUIDField(default=uuid.uuid4)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt = models.DateTimeField(default=timezone.now)
+    lease_owner = models.CharField(max_length=64, blank=True)
+    lease_expires = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    error_line = models.PositiveIntegerField(null=True, blank=True)
+    rules_version = models.ForeignKey(RulesVersion, on_delete=models.SET_NULL, null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["connection", "direction", "message_id"], name="event_message_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["direction", "status", "next_attempt"], name="event_claim_idx"),
+            models.Index(fields=["twin", "direction", "seq"], name="event_twin_seq_idx"),
+            models.Index(fields=["status", "finished"], name="event_cleanup_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.kind} #{self.seq} of {self.twin}"

@@ -266,8 +266,9 @@ def test_it_shows_an_issue_in_a_bounded_number_of_queries(
         actions.add_comment(issue, f"Comment {number}", actor=[alice, charlie][number % 2])
         upload = SimpleUploadedFile(f"{number}.txt", b"x")
         actions.add_attachment(issue, upload.name, upload, "text/plain", actor=[alice, charlie][number % 2])
-    # Session, user, the issue with its joins, labels, comments, attachments.
-    with django_assert_max_num_queries(6):
+    # Session, user, the issue with its joins, labels, comments, attachments; the sync panel's
+    # twins and connections.
+    with django_assert_max_num_queries(8):
         response = as_alice.get(_url("issue-detail", issue.key))
     assert len(response.context["comments"]) == 10
 

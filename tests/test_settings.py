@@ -39,7 +39,7 @@ SETTINGS_VARIABLES = (
 def manage(data_dir: Path, *args: str, **variables: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
     environment.update(EXALATE_DATA_DIR=str(data_dir), DJANGO_SETTINGS_MODULE="exalate_web.settings", **variables)
-    return subprocess.run(  # noqa: S603 - our own manage.py with fixed arguments
+    return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=REPO_ROOT,
         env=environment,

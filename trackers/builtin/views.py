@@ -20,6 +20,7 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from trackers import panels
 from trackers.builtin import actions
 from trackers.builtin.adapter import issue_queryset
 from trackers.builtin.forms import (
@@ -89,6 +90,7 @@ def _render_detail(request: HttpRequest, issue: Issue, **forms_in_error) -> Http
         "custom_fields": [(name, _display(value)) for name, value in sorted(issue.custom_fields.items())],
         "comment_form": CommentForm(),
         "attachment_form": AttachmentForm(),
+        "panels": panels.render_all(request, issue.key),
         **forms_in_error,
     }
     return render(request, "trackers/issue_detail.html", context)

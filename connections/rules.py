@@ -1,0 +1,77 @@
+"""Saving, checking and activating rules versions; the default rules every connection starts with."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.db.models import Max
+
+from connections.models import Connection, RulesVersion
+from connections.scripting import ScriptError, check_script
+
+DEFAULT_OUTGOING = """\
+# Outgoing rules: fill `replica` from the local `issue`; the other side sees only the replica.
+replica.summary = issue.summary
+replica.description = issue.description
+replica.type = issue.type
+replica.status = issue.status
+replica.priority = issue.priority
+replica.labels = issue.labels
+replica.assignee = issue.assignee
+replica.reporter = issue.reporter
+replica.comments = helpers.comments_to_send()
+replica.attachments = helpers.attachments_to_send()
+"""
+
+DEFAULT_INCOMING = """\
+# Incoming rules: set fields of the local `issue` from the remote `replica`.
+# `previous` is the last replica received (None on the first sync).
+if first_sync:
+    issue.project = connection.project
+    issue.type = replica.type or "Task"
+issue.summary = replica.summary
+issue.description = replica.description
+issue.status = helpers.map_value(replica.status, {}, default=replica.status)
+issue.priority = replica.priority
+issue.labels = replica.labels
+issue.assignee = helpers.find_user(replica.assignee)
+helpers.merge_comments()
+helpers.merge_attachments()
+"""
+
+
+class RulesError(Exception):
+    def __init__(self, error: ScriptError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def check(outgoing: str, incoming: str) -> list[ScriptError]:
+    return [e for e in (check_script(outgoing, "outgoing"), check_script(incoming, "incoming")) if e is not None]
+
+
+@transaction.atomic
+def save_rules(
+    connection: Connection, outgoing: str, incoming: str, *, author=None, comment: str = "", activate: bool = True
+) -> RulesVersion:
+    """A new version of the rules; refused with RulesError if a script does not compile."""
+    errors = check(outgoing, incoming)
+    if errors:
+        raise RulesError(errors[0])
+    connection = Connection.objects.select_for_update().get(pk=connection.pk)
+    number = (connection.rules_versions.aggregate(n=Max("number"))["n"] or 0) + 1
+    version = RulesVersion.objects.create(
+        connection=connection, number=number, outgoing=outgoing, incoming=incoming, author=author, comment=comment
+    )
+    if activate:
+        connection.active_rules = version
+        connection.save(update_fields=["active_rules"])
+    return version
+
+
+def activate(version: RulesVersion) -> None:
+    """Make ``version`` the active rules of its connection (rollback is activating an older one)."""
+    Connection.objects.filter(pk=version.connection_id).update(active_rules=version)
+
+
+def install_defaults(connection: Connection, author=None) -> RulesVersion:
+    return save_rules(connection, DEFAULT_OUTGOING, DEFAULT_INCOMING, author=author, comment="Default rules")

@@ -1,0 +1,134 @@
+"""REST API of the sync for people and tools: sync an entity now, twins, queue statistics."""
+
+from __future__ import annotations
+
+from django.db.models import Count
+from rest_framework import generics, serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from connections.api import StaffReadsAdminWrites, StrictSerializer
+from connections.models import Connection, Trigger
+from syncqueue import flow, triggers
+from syncqueue.models import SyncEvent, Twin
+from trackers.base import NotFound, TrackerError
+
+
+class SyncInput(StrictSerializer):
+    key = serializers.CharField(max_length=100)
+
+
+class SyncNow(APIView):
+    """The API trigger: POST {"key": ...} brings that entity under sync on this connection now."""
+
+    permission_classes = [StaffReadsAdminWrites]
+
+    def post(self, request, pk: int):
+        connection = generics.get_object_or_404(Connection.objects.select_related("active_rules"), pk=pk)
+        data = SyncInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            event = flow.sync_entity(connection, data.validated_data["key"], force=True)
+        except NotFound as e:
+            return Response({"error": str(e)}, status=status.HTTP_404_NOT_FOUND)
+        except flow.SyncRefused as e:
+            return Response({"error": str(e)}, status=status.HTTP_409_CONFLICT)
+        except TrackerError as e:
+            code = status.HTTP_400_BAD_REQUEST if e.permanent else status.HTTP_503_SERVICE_UNAVAILABLE
+            return Response({"error": str(e)}, status=code)
+        body = {"queued": event is not None and event.status != SyncEvent.Status.FAILED}
+        if event is not None:
+            body.update(event=event.pk, status=event.status, error=event.error or None)
+        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+class TwinSerializer(serializers.ModelSerializer):
+    connection = serializers.IntegerField(source="connection_id")
+    connection_name = serializers.CharField(source="connection.name")
+    last_error = serializers.CharField(source="blocked_reason")
+
+    class Meta:
+        model = Twin
+        fields = [
+            "id",
+            "connection",
+            "connection_name",
+            "local_key",
+            "remote_key",
+            "state",
+            "last_synced",
+            "last_error",
+        ]
+
+
+class TwinList(generics.ListAPIView):
+    permission_classes = [StaffReadsAdminWrites]
+    serializer_class = TwinSerializer
+
+    def get_queryset(self):
+        twins = Twin.objects.select_related("connection").order_by("id")
+        params = self.request.query_params
+        if params.get("local_key"):
+            twins = twins.filter(local_key__iexact=params["local_key"])
+        if params.get("remote_key"):
+            twins = twins.filter(remote_key__iexact=params["remote_key"])
+        if params.get("connection"):
+            try:
+                twins = twins.filter(connection_id=int(params["connection"]))
+            except ValueError:
+                raise serializers.ValidationError({"connection": ["Give a connection id."]}) from None
+        if params.get("state"):
+            if params["state"] not in Twin.State.values:
+                raise serializers.ValidationError({"state": [f"One of {', '.join(Twin.State.values)}."]})
+            twins = twins.filter(state=params["state"])
+        return twins
+
+
+class QueueStats(APIView):
+    permission_classes = [StaffReadsAdminWrites]
+
+    def get(self, request):
+        rows = SyncEvent.objects.values("connection_id", "direction", "status").annotate(n=Count("id"))
+        connections = {c.pk: c for c in Connection.objects.all()}
+        stats: dict[int, dict] = {
+            pk: {"connection": pk, "name": c.name, "status": c.status, "outgoing": {}, "incoming": {}}
+            for pk, c in connections.items()
+        }
+        for row in rows:
+            stats[row["connection_id"]][row["direction"]][row["status"]] = row["n"]
+        blocked = Twin.objects.filter(state=Twin.State.BLOCKED).values("connection_id").annotate(n=Count("id"))
+        for row in blocked:
+            stats[row["connection_id"]]["blocked_twins"] = row["n"]
+        for entry in stats.values():
+            entry.setdefault("blocked_twins", 0)
+        return Response({"connections": list(stats.values())})
+
+
+class TwinAction(APIView):
+    permission_classes = [StaffReadsAdminWrites]
+    action = "retry"
+
+    def post(self, request, pk: int):
+        twin = generics.get_object_or_404(Twin, pk=pk)
+        if self.action == "stop":
+            flow.stop_twin(twin)
+            return Response({"state": Twin.State.STOPPED})
+        retried = flow.resolve_and_retry(twin)
+        return Response({"state": Twin.State.OK, "retried": retried})
+
+
+class RunTrigger(APIView):
+    """ "Sync all matches now": every entity matching the trigger comes under sync."""
+
+    permission_classes = [StaffReadsAdminWrites]
+
+    def post(self, request, pk: int):
+        trigger = generics.get_object_or_404(Trigger.objects.select_related("connection__active_rules"), pk=pk)
+        try:
+            queued = triggers.sync_all_matches(trigger)
+        except flow.SyncRefused as e:
+            return Response({"error": str(e)}, status=status.HTTP_409_CONFLICT)
+        except TrackerError as e:
+            code = status.HTTP_400_BAD_REQUEST if e.permanent else status.HTTP_503_SERVICE_UNAVAILABLE
+            return Response({"error": str(e)}, status=code)
+        return Response({"queued": queued}, status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,401 @@
+"""The sync's write paths: bring an entity under sync, receive messages, apply them, stop, retry.
+
+Views, triggers and the worker call these; each runs in one database transaction, so a
+crash leaves either all of a step or none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from connections.models import Connection, Node
+from connections.scripting import ScriptError, StopSync
+from syncqueue import processors, transport
+from syncqueue.models import SyncEvent, Twin
+from syncqueue.replica import replica_hash
+from trackers.base import Tracker, TrackerError
+
+log = logging.getLogger(__name__)
+Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
+
+
+def local_tracker() -> Tracker:
+    return Node.local().tracker()
+
+
+def kick() -> None:
+    """Ask the workers to look at the queue once the current transaction has committed."""
+    from syncqueue import tasks
+
+    transaction.on_commit(tasks.kick, robust=True)
+
+
+class SyncRefused(Exception):
+    """The entity cannot be brought under sync on this connection (the message says why)."""
+
+
+# --- outgoing --------------------------------------------------------------------------------
+
+
+def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = None, force: bool = False):
+    """Run the outgoing rules on ``key`` and queue the replica if it differs from the last one sent.
+
+    Returns the queued SyncEvent, or None when there was nothing new to send. ``force``
+    also restarts a twin that was stopped (the manual and API triggers use it).
+    """
+    if connection.status == Connection.Status.PENDING:
+        raise SyncRefused("the connection is not active yet")
+    if connection.active_rules is None:
+        raise SyncRefused("the connection has no active rules")
+    tracker = tracker or local_tracker()
+    entity = tracker.get(key)
+    with transaction.atomic():
+        twin, _ = Twin.objects.select_for_update().get_or_create(connection=connection, local_key=entity.key)
+        if twin.state == Twin.State.STOPPED:
+            if not force:
+                return None
+            twin.state = Twin.State.OK
+            twin.blocked_reason = ""
+        try:
+            replica, _ = processors.run_outgoing(connection, connection.active_rules, entity, twin)
+        except StopSync:
+            return None
+        except ScriptError as e:
+            return _record_outgoing_failure(twin, e)
+        digest = replica_hash(replica)
+        if digest == twin.last_sent_hash and not force:
+            twin.save()
+            return None
+        return _queue(twin, Kind.UPDATE, replica, digest)
+
+
+def _queue(twin: Twin, kind: str, replica: dict | None, digest: str = "", acks: str | None = None) -> SyncEvent:
+    twin.out_seq += 1
+    if replica is not None:
+        twin.last_sent = replica
+        twin.last_sent_hash = digest or replica_hash(replica)
+    twin.save()
+    payload: dict[str, Any] = {"replica": replica}
+    if acks:
+        payload["acks"] = acks
+    event = SyncEvent.objects.create(
+        connection=twin.connection,
+        twin=twin,
+        direction=Direction.OUTGOING,
+        kind=kind,
+        seq=twin.out_seq,
+        payload=payload,
+        rules_version=twin.connection.active_rules,
+    )
+    kick()
+    return event
+
+
+def _record_outgoing_failure(twin: Twin, error: ScriptError) -> SyncEvent:
+    """An outgoing script failed: the twin is blocked with the error; nothing is sent."""
+    twin.state = Twin.State.BLOCKED
+    twin.blocked_reason = str(error)
+    twin.save()
+    return SyncEvent.objects.create(
+        connection=twin.connection,
+        twin=twin,
+        direction=Direction.OUTGOING,
+        kind=Kind.UPDATE,
+        seq=0,
+        payload={"key": twin.local_key},
+        status=Status.FAILED,
+        attempts=1,
+        error=str(error),
+        error_line=error.line,
+        rules_version=twin.connection.active_rules,
+        finished=timezone.now(),
+    )
+
+
+@transaction.atomic
+def stop_twin(twin: Twin, *, tell_remote: bool = True) -> None:
+    """Stop syncing this entity ("unexalate"); the remote side is told so it stops too."""
+    twin = Twin.objects.select_for_update().get(pk=twin.pk)
+    if twin.state == Twin.State.STOPPED:
+        return
+    twin.state = Twin.State.STOPPED
+    twin.blocked_reason = ""
+    if tell_remote:
+        _queue(twin, Kind.STOP, None)
+    else:
+        twin.save()
+
+
+def message_of(event: SyncEvent) -> dict[str, Any]:
+    """The wire form of an outgoing event."""
+    message = {
+        "id": str(event.message_id),
+        "kind": event.kind,
+        "seq": event.seq,
+        "key": event.twin.local_key,
+        "remote_key": event.twin.remote_key,
+        "replica": event.payload.get("replica"),
+    }
+    if event.payload.get("acks"):
+        message["acks"] = event.payload["acks"]
+    return message
+
+
+# --- receiving -------------------------------------------------------------------------------
+
+MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks"}
+
+
+def validate_message(message: Any) -> str | None:
+    """Why ``message`` is malformed, or None."""
+    if not isinstance(message, dict):
+        return "a message must be an object"
+    unknown = set(message) - MESSAGE_FIELDS
+    if unknown:
+        return f"unknown field {sorted(unknown)[0]!r}"
+    try:
+        uuid.UUID(str(message.get("id")))
+    except ValueError:
+        return "id must be a UUID"
+    if message.get("kind") not in Kind.values:
+        return f"kind must be one of {', '.join(Kind.values)}"
+    if not isinstance(message.get("seq"), int) or isinstance(message.get("seq"), bool) or message["seq"] < 1:
+        return "seq must be a positive whole number"
+    if not isinstance(message.get("key"), str) or not 0 < len(message["key"]) <= 100:
+        return "key must be the sender's entity key"
+    if message.get("remote_key") is not None and (
+        not isinstance(message["remote_key"], str) or not 0 < len(message["remote_key"]) <= 100
+    ):
+        return "remote_key must be text or null"
+    if message["kind"] != Kind.STOP and not isinstance(message.get("replica"), dict):
+        return "replica must be an object"
+    if message.get("acks") is not None and not isinstance(message["acks"], str):
+        return "acks must be a message id"
+    return None
+
+
+def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Store each valid message once (dedup on its id); answer which were accepted."""
+    accepted, rejected = [], {}
+    for message in messages:
+        problem = validate_message(message)
+        if problem:
+            rejected[str(message.get("id") if isinstance(message, dict) else "?")[:64]] = problem
+            continue
+        try:
+            with transaction.atomic():
+                if _store(connection, message):
+                    kick()
+            accepted.append(message["id"])
+        except (IntegrityError, ValueError) as e:
+            rejected[message["id"]] = f"cannot store: {e}"
+    Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now())
+    return {"accepted": accepted, "rejected": rejected}
+
+
+def _store(connection: Connection, message: dict[str, Any]) -> bool:
+    """True when the message is new here."""
+    if SyncEvent.objects.filter(connection=connection, direction=Direction.INCOMING, message_id=message["id"]).exists():
+        return False
+    twin = None
+    if message.get("remote_key"):
+        # The sender knows our key: this is the twin it refers to (the ack of a first sync names it).
+        twin = Twin.objects.select_for_update().filter(connection=connection, local_key=message["remote_key"]).first()
+        if twin is not None and twin.remote_key not in (None, message["key"]):
+            raise ValueError(f"{message['remote_key']} is already paired with {twin.remote_key}")
+    if twin is None:
+        twin, _ = Twin.objects.select_for_update().get_or_create(connection=connection, remote_key=message["key"])
+    elif twin.remote_key is None:
+        twin.remote_key = message["key"]
+        twin.save(update_fields=["remote_key"])
+    SyncEvent.objects.create(
+        connection=connection,
+        twin=twin,
+        direction=Direction.INCOMING,
+        kind=message["kind"],
+        seq=message["seq"],
+        message_id=message["id"],
+        payload={"replica": message.get("replica"), "acks": message.get("acks")},
+    )
+    return True
+
+
+# --- applying --------------------------------------------------------------------------------
+
+
+def find_user_for(tracker_kind: str):
+    """Matching a remote person to a local one, for the built-in tracker: by email, then username."""
+    if tracker_kind != "builtin":
+        return None
+    users = get_user_model().objects.filter(is_active=True)
+
+    def find(person: Mapping[str, Any]) -> str | None:
+        if not isinstance(person, Mapping):
+            return None
+        email, ident = person.get("email"), person.get("id")
+        user = (email and users.filter(email__iexact=email).first()) or (ident and users.filter(username=ident).first())
+        return user.get_username() if user else None
+
+    return find
+
+
+def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
+    """Apply one claimed incoming event in order; raises ScriptError/TrackerError/RemoteError on failure."""
+    with transaction.atomic():
+        twin = (
+            Twin.objects.select_for_update(of=("self",))
+            .select_related("connection__active_rules")
+            .get(pk=event.twin_id)
+        )
+        connection = twin.connection
+        if event.seq <= twin.in_seq:
+            _finish(event)  # applied before (a redelivery): the effect must happen once
+            return
+        if event.seq != twin.in_seq + 1:
+            return  # a gap: wait for the missing message
+        if event.kind == Kind.STOP:
+            twin.state = Twin.State.STOPPED
+            twin.in_seq = event.seq
+            twin.save()
+            _finish(event)
+            return
+        if twin.state == Twin.State.STOPPED and event.kind == Kind.UPDATE:
+            twin.state = Twin.State.OK  # the remote started syncing it again
+        rules = connection.active_rules
+        replica = event.payload.get("replica") or {}
+        entity = tracker.get(twin.local_key) if twin.local_key else None
+        try:
+            plan = processors.plan_incoming(
+                connection,
+                rules,
+                replica,
+                twin.last_received,
+                entity,
+                twin,
+                find_user=find_user_for(tracker.kind),
+            )
+        except StopSync as e:
+            twin.state = Twin.State.STOPPED
+            twin.blocked_reason = str(e)
+            twin.in_seq = event.seq
+            twin.save()
+            _finish(event, rules)
+            return
+        limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
+        written = processors.apply_plan(
+            tracker,
+            plan,
+            twin.local_key,
+            twin,
+            lambda meta: transport.fetch_attachment(
+                connection, replica.get("key") or twin.remote_key, meta["sha256"], limit
+            ),
+        )
+        twin.local_key = written.key
+        twin.last_received = replica
+        twin.last_received_hash = replica_hash(replica)
+        twin.in_seq = event.seq
+        twin.last_synced = timezone.now()
+        if event.kind == Kind.ACK and event.payload.get("acks"):
+            SyncEvent.objects.filter(
+                connection=connection, direction=Direction.OUTGOING, message_id=event.payload["acks"]
+            ).exclude(status=Status.DONE).update(status=Status.DONE, finished=timezone.now(), error="")
+        if event.kind == Kind.UPDATE:
+            # The acknowledgement: what this side now holds, made by our own outgoing rules.
+            ack, _ = processors.run_outgoing(connection, rules, written, twin)
+            _queue(twin, Kind.ACK, ack, acks=str(event.message_id))
+        else:
+            twin.save()
+        _finish(event, rules)
+
+
+def _finish(event: SyncEvent, rules=None) -> None:
+    SyncEvent.objects.filter(pk=event.pk).update(
+        status=Status.DONE,
+        finished=timezone.now(),
+        error="",
+        error_line=None,
+        lease_owner="",
+        lease_expires=None,
+        rules_version=rules or event.rules_version,
+    )
+
+
+# --- failures and recovery -------------------------------------------------------------------
+
+MAX_ATTEMPTS = 8
+
+
+def backoff(attempts: int) -> timedelta:
+    import random
+
+    base = min(2**attempts, 600)
+    return timedelta(seconds=base * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not security
+
+
+def record_failure(event: SyncEvent, error: Exception) -> None:
+    """Push the event back before anything else can fail: retry later, or block the twin."""
+    permanent = getattr(error, "permanent", True) if not isinstance(error, ScriptError) else True
+    attempts = event.attempts + 1
+    line = getattr(error, "line", None)
+    message = str(error) or type(error).__name__
+    with transaction.atomic():
+        if permanent or attempts >= MAX_ATTEMPTS:
+            SyncEvent.objects.filter(pk=event.pk).update(
+                status=Status.FAILED,
+                attempts=attempts,
+                error=message,
+                error_line=line,
+                lease_owner="",
+                lease_expires=None,
+                finished=timezone.now(),
+            )
+            Twin.objects.filter(pk=event.twin_id).update(state=Twin.State.BLOCKED, blocked_reason=message)
+        else:
+            SyncEvent.objects.filter(pk=event.pk).update(
+                status=Status.PENDING,
+                attempts=attempts,
+                error=message,
+                error_line=line,
+                lease_owner="",
+                lease_expires=None,
+                next_attempt=timezone.now() + backoff(attempts),
+            )
+
+
+@transaction.atomic
+def resolve_and_retry(twin: Twin) -> int:
+    """Unblock the twin and put its failed events back in the queue, in order. Returns how many."""
+    twin = Twin.objects.select_for_update().get(pk=twin.pk)
+    failed = SyncEvent.objects.filter(twin=twin, status=Status.FAILED)
+    retried = failed.filter(~Q(seq=0)).update(
+        status=Status.PENDING, next_attempt=timezone.now(), attempts=0, finished=None
+    )
+    # A failed outgoing script has nothing to resend: running the rules again is the retry.
+    rerun = failed.filter(seq=0).exists()
+    failed.filter(seq=0).update(status=Status.DONE, finished=timezone.now())
+    twin.state = Twin.State.OK
+    twin.blocked_reason = ""
+    twin.save()
+    if rerun and twin.local_key:
+        transaction.on_commit(lambda: _resync(twin.pk))
+    kick()
+    return retried + int(rerun)
+
+
+def _resync(twin_id: int) -> None:
+    twin = Twin.objects.select_related("connection__active_rules").get(pk=twin_id)
+    try:
+        sync_entity(twin.connection, twin.local_key)
+    except (TrackerError, SyncRefused) as e:
+        log.warning("re-running the outgoing rules of %s failed: %s", twin, e)

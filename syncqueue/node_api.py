@@ -1,0 +1,131 @@
+"""The node-to-node endpoints under /api/v1/node/: pairing, message batches and attachment bytes.
+
+Apart from the pairing handshake (authenticated by the invitation code's proof), every
+request must be signed with the connection's secret; an unsigned, forged, stale or
+replayed request gets 401 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.http import FileResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from connections import handshake, signing
+from connections.models import Connection, SeenNonce
+from exalate_web.api import error_body
+from syncqueue import flow
+from syncqueue.models import Twin
+from trackers.base import TrackerError
+
+MAX_MESSAGES = 500
+
+
+class Refused(Exception):
+    def __init__(self, message: str, status: int = 401):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _error(message: str, status: int) -> JsonResponse:
+    return JsonResponse(error_body(message), status=status)
+
+
+def authenticate(request) -> Connection:
+    """The connection that signed ``request``, or Refused."""
+    try:
+        signed = signing.read_headers(request.headers)
+    except signing.SignatureError as e:
+        raise Refused(f"unsigned request: {e}") from None
+    connection = Connection.objects.filter(uuid=_uuid_or_none(signed.connection_uuid)).first()
+    if connection is None or not connection.secret:
+        raise Refused("unknown connection")
+    try:
+        signing.verify(connection.secret, signed, request.method, request.get_full_path(), request.body)
+    except signing.SignatureError as e:
+        raise Refused(str(e)) from None
+    try:
+        with transaction.atomic():
+            SeenNonce.objects.create(connection=connection, nonce=signed.nonce)
+    except IntegrityError:
+        raise Refused("replayed request (nonce already used)") from None
+    if connection.status == Connection.Status.DEACTIVATED:
+        raise Refused("the connection is deactivated on this side; try again later", status=409)
+    if connection.status != Connection.Status.ACTIVE:
+        raise Refused(f"the connection is {connection.status} on this side", status=409)
+    return connection
+
+
+def _uuid_or_none(value: str):
+    import uuid
+
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+@csrf_exempt
+@require_POST
+def handshake_view(request):
+    try:
+        payload = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        return _error("The body must be JSON.", 400)
+    try:
+        return JsonResponse(handshake.answer_acceptance(payload))
+    except handshake.HandshakeError as e:
+        return _error(e.message, e.status)
+
+
+@csrf_exempt
+@require_POST
+def messages_view(request):
+    try:
+        connection = authenticate(request)
+    except Refused as e:
+        return _error(e.message, e.status)
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        return _error("The body must be JSON.", 400)
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return _error('Expected {"messages": [...]}.', 400)
+    if len(messages) > MAX_MESSAGES:
+        return _error(f"At most {MAX_MESSAGES} messages per request.", 413)
+    SeenNonce.objects.filter(seen__lt=timezone.now() - timedelta(seconds=2 * signing.WINDOW_SECONDS)).delete()
+    return JsonResponse(flow.receive(connection, messages))
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@csrf_exempt
+@require_GET
+def attachment_view(request, sha256: str):
+    try:
+        connection = authenticate(request)
+    except Refused as e:
+        return _error(e.message, e.status)
+    key = request.GET.get("key", "")
+    if not _SHA256.match(sha256) or not key:
+        return _error("Give the attachment's sha256 and ?key=.", 400)
+    # Only attachments of entities under sync on this connection can be fetched.
+    if not Twin.objects.filter(connection=connection, local_key=key).exists():
+        return _error("No such entity under sync on this connection.", 404)
+    try:
+        entity = flow.local_tracker().get(key)
+        attachment = next((a for a in entity.attachments if a.sha256 == sha256), None)
+        if attachment is None:
+            return _error("No such attachment.", 404)
+        return FileResponse(attachment.open(), content_type="application/octet-stream")
+    except TrackerError as e:
+        return _error(str(e), 404 if e.permanent else 503)

@@ -1,0 +1,308 @@
+"""Running the rules: the outgoing processor makes a replica, the incoming one a plan.
+
+Scripts never write to a tracker themselves. The incoming processor turns the script's
+changes to ``issue`` and the helpers' merges into an ``IncomingPlan``; ``apply_plan``
+carries it out. So a Test Run can show the plan without writing anything, and a
+script's time limit never covers a slow tracker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from connections.models import Connection, RulesVersion
+from connections.scripting import DebugLog, ScriptObject, StopSync, compile_script, run_script, to_plain
+from syncqueue.replica import entity_view, plain
+from trackers.base import Entity, Tracker
+
+WRITABLE = ("summary", "description", "type", "status", "priority", "labels", "assignee", "custom_fields")
+
+
+class ReadOnly(dict):
+    """A read-only view for scripts: ``issue.summary`` and ``issue["summary"]`` read, writes fail."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        super().__init__({k: _read_only(v) for k, v in data.items()})
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.get(name)
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("this is read-only here; write to the replica (outgoing) or to issue (incoming)")
+
+    __setattr__ = __setitem__ = __delattr__ = __delitem__ = _refuse
+    update = setdefault = pop = popitem = clear = __ior__ = _refuse
+
+
+def _read_only(value):
+    if isinstance(value, Mapping):
+        return ReadOnly(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_read_only(v) for v in value)
+    return value
+
+
+def to_script(value):
+    """Plain data as scripts write it: dicts become ScriptObjects at every level."""
+    if isinstance(value, Mapping):
+        return ScriptObject({k: to_script(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return [to_script(v) for v in value]
+    return value
+
+
+class ConnectionView(ReadOnly):
+    def __init__(self, connection: Connection):
+        super().__init__(
+            {
+                "name": connection.name,
+                "remote_name": connection.remote_name,
+                "project": connection.project,
+                "uuid": str(connection.uuid),
+            }
+        )
+
+
+@dataclass
+class IncomingPlan:
+    """What the incoming rules want done to the local entity."""
+
+    create: bool
+    project: str | None
+    fields: dict[str, Any]
+    # ("add", remote_id, body) | ("update", remote_id, local_id, body) | ("delete", remote_id, local_id)
+    comments: list[tuple] = field(default_factory=list)
+    # ("add", remote_id, attachment dict) | ("link", remote_id, local_id) | ("remove", remote_id, local_id)
+    attachments: list[tuple] = field(default_factory=list)
+    debug: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.create or self.fields or self.comments or self.attachments)
+
+
+class Helpers:
+    """The ``helpers`` object scripts see. Public methods only; they read the twin's maps."""
+
+    def __init__(
+        self,
+        *,
+        entity: dict,
+        replica=None,
+        comment_map=None,
+        attachment_map=None,
+        remote_name="",
+        find_user: Callable[[Any], str | None] | None = None,
+    ):
+        self._entity = entity
+        self._replica = replica
+        self._comment_map = dict(comment_map or {})
+        self._attachment_map = dict(attachment_map or {})
+        self._remote_name = remote_name
+        self._find_user = find_user
+        self._log = DebugLog()
+        self._comment_ops: list[tuple] = []
+        self._attachment_ops: list[tuple] = []
+
+    # --- outgoing ----------------------------------------------------------------------------
+
+    def comments_to_send(self) -> list:
+        """The entity's comments, minus those the sync brought here from this remote."""
+        imported = set(self._comment_map.values())
+        return [to_script(c) for c in self._entity["comments"] if c["id"] not in imported]
+
+    def attachments_to_send(self) -> list:
+        imported = set(self._attachment_map.values())
+        return [to_script(a) for a in self._entity["attachments"] if a["id"] not in imported]
+
+    # --- incoming ----------------------------------------------------------------------------
+
+    def merge_comments(self) -> None:
+        """Add new remote comments, update edited ones, remove deleted ones; never add one twice."""
+        remote = [c for c in (self._replica.get("comments") or []) if isinstance(c, Mapping) and c.get("id")]
+        local = {c["id"]: c for c in self._entity["comments"]}
+        seen = set()
+        for comment in remote:
+            remote_id = str(comment["id"])
+            if remote_id in seen:
+                continue
+            seen.add(remote_id)
+            body = self._attributed(comment)
+            local_id = self._comment_map.get(remote_id)
+            if local_id is None:
+                self._comment_ops.append(("add", remote_id, body))
+            elif local_id in local and local[local_id]["body"] != body:
+                self._comment_ops.append(("update", remote_id, local_id, body))
+        for remote_id, local_id in self._comment_map.items():
+            if remote_id not in seen and local_id in local:
+                self._comment_ops.append(("delete", remote_id, local_id))
+
+    def _attributed(self, comment: Mapping) -> str:
+        author = comment.get("author") or {}
+        name = (author.get("name") or author.get("id") or "Someone") if isinstance(author, Mapping) else "Someone"
+        where = f" ({self._remote_name})" if self._remote_name else ""
+        return f"{name}{where} wrote:\n\n{comment.get('body') or ''}"
+
+    def merge_attachments(self) -> None:
+        """Add remote attachments not here yet (by content hash), remove those deleted remotely."""
+        remote = [a for a in (self._replica.get("attachments") or []) if isinstance(a, Mapping) and a.get("id")]
+        local = {a["id"]: a for a in self._entity["attachments"]}
+        local_by_hash = {a["sha256"]: a["id"] for a in self._entity["attachments"]}
+        seen = set()
+        for attachment in remote:
+            remote_id = str(attachment["id"])
+            seen.add(remote_id)
+            if remote_id in self._attachment_map:
+                continue
+            existing = local_by_hash.get(attachment.get("sha256"))
+            if existing is not None and existing not in self._attachment_map.values():
+                self._attachment_ops.append(("link", remote_id, existing))
+            else:
+                self._attachment_ops.append(("add", remote_id, to_plain(attachment)))
+        for remote_id, local_id in self._attachment_map.items():
+            if remote_id not in seen and local_id in local:
+                self._attachment_ops.append(("remove", remote_id, local_id))
+
+    def find_user(self, person) -> str | None:
+        """The local user id matching a remote person (by email, then id), or None."""
+        if not person or self._find_user is None:
+            return None
+        return self._find_user(to_plain(person))
+
+    # --- both --------------------------------------------------------------------------------
+
+    def map_value(self, value, mapping, default=None):
+        """``mapping[value]`` if present, else ``default``; for forward maps (write reverse maps separately)."""
+        if not isinstance(mapping, Mapping):
+            raise TypeError("map_value needs a dict as its mapping")
+        try:
+            return mapping[value]
+        except (KeyError, TypeError):
+            return default
+
+    def stop_sync(self, reason: str = "stopped by the rules"):
+        raise StopSync(str(reason))
+
+    def debug(self, *values) -> None:
+        self._log.debug(*values)
+
+
+def _script(rules: RulesVersion, direction: str):
+    source = rules.outgoing if direction == "outgoing" else rules.incoming
+    return compile_script(source, direction)
+
+
+def run_outgoing(connection: Connection, rules: RulesVersion, entity: Entity, twin=None) -> tuple[dict, list[str]]:
+    """The replica the outgoing rules make of ``entity``, and the script's debug lines."""
+    view = entity_view(entity)
+    helpers = Helpers(
+        entity=view,
+        comment_map=twin.comment_map if twin else None,
+        attachment_map=twin.attachment_map if twin else None,
+    )
+    replica = ScriptObject()
+    printed = run_script(
+        _script(rules, "outgoing"),
+        {"issue": ReadOnly(view), "replica": replica, "connection": ConnectionView(connection), "helpers": helpers},
+        log=helpers._log,
+    )
+    result = to_plain(replica)
+    result["key"] = entity.key  # always ours to say, whatever the script wrote
+    return result, printed
+
+
+def plan_incoming(
+    connection: Connection,
+    rules: RulesVersion,
+    replica: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+    entity: Entity | None,
+    twin=None,
+    find_user: Callable[[Any], str | None] | None = None,
+) -> IncomingPlan:
+    view = entity_view(entity)
+    issue = to_script({k: view[k] for k in (*WRITABLE, "key", "project", "comments", "attachments")})
+    helpers = Helpers(
+        entity=view,
+        replica=to_script(plain(replica)),
+        comment_map=twin.comment_map if twin else None,
+        attachment_map=twin.attachment_map if twin else None,
+        remote_name=connection.remote_name,
+        find_user=find_user,
+    )
+    printed = run_script(
+        _script(rules, "incoming"),
+        {
+            "issue": issue,
+            "replica": helpers._replica,
+            "previous": to_script(plain(previous)) if previous is not None else None,
+            "first_sync": entity is None,
+            "connection": ConnectionView(connection),
+            "helpers": helpers,
+        },
+        log=helpers._log,
+    )
+    after = to_plain(issue)
+    fields = {}
+    for name in WRITABLE:
+        new = after.get(name)
+        old = view[name]
+        if name == "assignee":
+            old = old["id"] if old else None
+            new = new.get("id") if isinstance(new, Mapping) else new
+        if new != old:
+            fields[name] = new
+    return IncomingPlan(
+        create=entity is None,
+        project=after.get("project"),
+        fields=fields,
+        comments=helpers._comment_ops,
+        attachments=helpers._attachment_ops,
+        debug=printed,
+    )
+
+
+def apply_plan(
+    tracker: Tracker,
+    plan: IncomingPlan,
+    key: str | None,
+    twin,
+    fetch_attachment: Callable[[dict], bytes],
+) -> Entity:
+    """Carry out ``plan`` on the tracker; updates the twin's maps (the caller saves the twin)."""
+    if plan.create:
+        if not plan.project:
+            from trackers.base import TrackerError
+
+            raise TrackerError("the incoming rules did not set issue.project for a first sync", permanent=True)
+        fields = {k: v for k, v in plan.fields.items() if v is not None or k in ("assignee", "priority")}
+        entity = tracker.create(plan.project, fields)
+        key = entity.key
+    elif plan.fields:
+        tracker.update(key, plan.fields)
+    for op in plan.comments:
+        if op[0] == "add":
+            twin.comment_map[op[1]] = tracker.add_comment(key, op[2]).id
+        elif op[0] == "update":
+            tracker.update_comment(key, op[2], op[3])
+        elif op[0] == "delete":
+            tracker.delete_comment(key, op[2])
+            twin.comment_map.pop(op[1], None)
+    for op in plan.attachments:
+        if op[0] == "add":
+            meta = op[2]
+            content = fetch_attachment(meta)
+            added = tracker.add_attachment(
+                key, meta.get("filename") or "attachment", content, meta.get("content_type") or ""
+            )
+            twin.attachment_map[op[1]] = added.id
+        elif op[0] == "link":
+            twin.attachment_map[op[1]] = op[2]
+        elif op[0] == "remove":
+            tracker.remove_attachment(key, op[2])
+            twin.attachment_map.pop(op[1], None)
+    return tracker.get(key)

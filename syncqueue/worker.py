@@ -1,0 +1,187 @@
+"""The claim-and-process loop over the SyncEvent table.
+
+``drain`` repeats until the queue has nothing ready or the time budget is spent:
+
+1. Put back events whose lease expired (their worker died mid-event).
+2. Claim a batch of ready incoming events: pending, due, of a twin that is not blocked,
+   and next in their twin's sequence. On PostgreSQL the candidates are locked with
+   ``FOR UPDATE SKIP LOCKED``, so several workers on several machines never claim the
+   same row; everywhere the claim is a conditional UPDATE that tolerates losing a race.
+3. Apply each, in its own transaction; a failure is recorded on the event (retry with
+   backoff or block the twin) before the loop moves on, so one bad event cannot stall
+   the others or crash-loop the worker.
+4. Claim a batch of ready outgoing events of active connections and push them to each
+   remote in one signed request per connection; a remote that does not answer keeps its
+   events pending with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from datetime import timedelta
+
+from django.db import connection as db
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from connections.models import Connection
+from connections.scripting import ScriptError
+from syncqueue import flow, transport
+from syncqueue.models import SyncEvent, Twin
+from trackers.base import TrackerError
+
+log = logging.getLogger(__name__)
+Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
+LEASE = timedelta(seconds=90)
+BATCH = 100
+# A remote that does not answer is tried again at least this often, however long it is down.
+MAX_SEND_BACKOFF = timedelta(seconds=30)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def reclaim_expired() -> int:
+    """Events whose worker died mid-way go back to pending."""
+    now = timezone.now()
+    return SyncEvent.objects.filter(status__in=(Status.PROCESSING, Status.SENDING), lease_expires__lt=now).update(
+        status=Status.PENDING, lease_owner="", lease_expires=None
+    )
+
+
+def _ready(direction: str):
+    now = timezone.now()
+    events = SyncEvent.objects.filter(direction=direction, status=Status.PENDING, next_attempt__lte=now)
+    if direction == Direction.INCOMING:
+        return events.filter(twin__state__in=(Twin.State.OK, Twin.State.STOPPED), seq=F("twin__in_seq") + 1)
+    return events.filter(connection__status=Connection.Status.ACTIVE).exclude(twin__state=Twin.State.BLOCKED)
+
+
+def claim(direction: str, owner: str, limit: int = BATCH) -> list[SyncEvent]:
+    busy = Status.PROCESSING if direction == Direction.INCOMING else Status.SENDING
+    with transaction.atomic():
+        candidates = _ready(direction).order_by("id")
+        if db.vendor == "postgresql":
+            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+        ids = list(candidates.values_list("id", flat=True)[:limit])
+        if not ids:
+            return []
+        SyncEvent.objects.filter(id__in=ids, status=Status.PENDING).update(
+            status=busy, lease_owner=owner, lease_expires=timezone.now() + LEASE
+        )
+    return list(
+        SyncEvent.objects.filter(id__in=ids, lease_owner=owner, status=busy)
+        .select_related("twin", "connection")
+        .order_by("twin_id", "seq")
+    )
+
+
+def process_incoming(owner: str, limit: int = BATCH) -> int:
+    events = claim(Direction.INCOMING, owner, limit)
+    if not events:
+        return 0
+    tracker = flow.local_tracker()
+    for event in events:
+        try:
+            flow.apply_incoming(event, tracker)
+        except (ScriptError, TrackerError, transport.RemoteError) as e:
+            flow.record_failure(event, e)
+        except Exception as e:
+            log.exception("unexpected error applying %s", event)
+            flow.record_failure(event, e)
+        else:
+            # A gap left it unapplied: release it to wait for the missing message.
+            SyncEvent.objects.filter(pk=event.pk, status=Status.PROCESSING).update(
+                status=Status.PENDING, lease_owner="", lease_expires=None
+            )
+    return len(events)
+
+
+def send_outgoing(owner: str, limit: int = BATCH) -> int:
+    events = claim(Direction.OUTGOING, owner, limit)
+    by_connection: dict[int, list[SyncEvent]] = defaultdict(list)
+    for event in events:
+        by_connection[event.connection_id].append(event)
+    for batch in by_connection.values():
+        _send(batch[0].connection, batch)
+    return len(events)
+
+
+def _send(connection: Connection, events: list[SyncEvent]) -> None:
+    try:
+        answer = transport.post_messages(connection, [flow.message_of(e) for e in events])
+    except transport.RemoteError as e:
+        _sending_failed(connection, events, e)
+        return
+    accepted = {str(i) for i in answer.get("accepted", [])}
+    rejected = answer.get("rejected") or {}
+    now = timezone.now()
+    with transaction.atomic():
+        for event in events:
+            message_id = str(event.message_id)
+            if message_id in accepted:
+                status = Status.SENT if event.kind == Kind.UPDATE else Status.DONE
+                SyncEvent.objects.filter(pk=event.pk).update(
+                    status=status,
+                    lease_owner="",
+                    lease_expires=None,
+                    error="",
+                    finished=now if status == Status.DONE else None,
+                )
+            else:
+                reason = str(rejected.get(message_id, "not accepted by the remote node"))
+                flow.record_failure(event, transport.RemoteError(f"the remote node refused it: {reason}", True))
+        Connection.objects.filter(pk=connection.pk).update(last_contact=now, status_detail="")
+
+
+def _sending_failed(connection: Connection, events: list[SyncEvent], error: transport.RemoteError) -> None:
+    if error.permanent:
+        for event in events:
+            flow.record_failure(event, error)
+        return
+    # Down or busy: nothing is lost, the events wait and the connection says why.
+    attempts = max(e.attempts for e in events) + 1
+    delay = min(flow.backoff(attempts), MAX_SEND_BACKOFF)
+    SyncEvent.objects.filter(pk__in=[e.pk for e in events]).update(
+        status=Status.PENDING,
+        lease_owner="",
+        lease_expires=None,
+        attempts=F("attempts") + 1,
+        error=str(error),
+        next_attempt=timezone.now() + delay,
+    )
+    Connection.objects.filter(pk=connection.pk).update(status_detail=str(error))
+
+
+def drain(budget_seconds: float = 50.0, owner: str | None = None) -> int:
+    """Process until nothing is ready or the budget is spent; returns how many events were handled."""
+    owner = owner or worker_id()
+    deadline = time.monotonic() + budget_seconds
+    handled = 0
+    reclaim_expired()
+    while time.monotonic() < deadline:
+        done = process_incoming(owner) + send_outgoing(owner)
+        handled += done
+        if not done:
+            break
+    return handled
+
+
+def pending_work() -> bool:
+    return _ready(Direction.INCOMING).exists() or _ready(Direction.OUTGOING).exists()
+
+
+def cleanup() -> int:
+    """Delete finished events older than the retention period (SYNC_RETENTION_DAYS)."""
+    from django.conf import settings
+
+    cutoff = timezone.now() - timedelta(days=settings.SYNC_RETENTION_DAYS)
+    deleted, _ = SyncEvent.objects.filter(status=Status.DONE, finished__lt=cutoff).delete()
+    return deleted

@@ -1,0 +1,25 @@
+"""Panels other apps add to an entity's page, so the tracker shows sync state without importing the sync.
+
+An app registers ``panel(request, key) -> str`` (rendered HTML) once at start-up; the
+built-in tracker's issue page shows every registered panel's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.http import HttpRequest
+from django.utils.safestring import SafeString, mark_safe
+
+Panel = Callable[[HttpRequest, str], str]
+_panels: list[Panel] = []
+
+
+def register(panel: Panel) -> None:
+    if panel not in _panels:
+        _panels.append(panel)
+
+
+def render_all(request: HttpRequest, key: str) -> list[SafeString]:
+    # Panels return template output, which Django has already escaped.
+    return [mark_safe(html) for html in (panel(request, key) for panel in _panels) if html]
