@@ -122,6 +122,9 @@ REST_FRAMEWORK = {
 # Finished sync events are kept this long for the monitor, then deleted.
 SYNC_RETENTION_DAYS = env.env_int("SYNC_RETENTION_DAYS", 7, minimum=0)
 
+# Shared with a tracker that pushes change notifications to /api/v1/webhooks/changed/; unset = off.
+WEBHOOK_SECRET = env.env_str("WEBHOOK_SECRET").strip()
+
 # How often each connection polls its tracker for changes (the built-in tracker also signals at once).
 SYNC_POLL_SECONDS = env.env_int("SYNC_POLL_SECONDS", 30, minimum=1)
 

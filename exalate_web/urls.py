@@ -6,7 +6,7 @@ from django.views.generic import RedirectView
 from connections import api as connections_api
 from exalate_web import views
 from syncqueue import api as sync_api
-from syncqueue import node_api
+from syncqueue import node_api, webhooks
 
 api_v1 = [
     path("tracker/", include("trackers.builtin.api_urls")),
@@ -28,6 +28,7 @@ api_v1 = [
     path("twins/<int:pk>/stop/", sync_api.TwinAction.as_view(action="stop"), name="twin-stop"),
     path("twins/<int:pk>/retry/", sync_api.TwinAction.as_view(action="retry"), name="twin-retry"),
     path("queue/stats/", sync_api.QueueStats.as_view(), name="queue-stats"),
+    path("webhooks/changed/", webhooks.changed, name="webhook-changed"),
     path("node/handshake/", node_api.handshake_view, name="node-handshake"),
     path("node/messages/", node_api.messages_view, name="node-messages"),
     path("node/attachments/<str:sha256>/", node_api.attachment_view, name="node-attachment"),

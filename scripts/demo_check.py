@@ -6,6 +6,7 @@ Usage: python scripts/demo_check.py DATA_DIR/demo/demo.json  (exit status 0 when
 import json
 import sys
 import time
+from pathlib import Path
 
 import requests
 
@@ -23,7 +24,7 @@ def summaries(node: dict) -> set[str]:
 
 
 def main(path: str) -> int:
-    nodes = json.loads(open(path).read())
+    nodes = json.loads(Path(path).read_text())
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         blue, red = summaries(nodes["blue"]), summaries(nodes["red"])

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -110,8 +111,27 @@ def send_outgoing(owner: str, limit: int = BATCH) -> int:
     for event in events:
         by_connection[event.connection_id].append(event)
     for batch in by_connection.values():
-        _send(batch[0].connection, batch)
+        for part in split_by_size(batch):
+            _send(part[0].connection, part)
     return len(events)
+
+
+# The receiver refuses bodies over its MAX_REQUEST_BYTES (2.5 MB by default); stay well below.
+MAX_BATCH_BYTES = 1_000_000
+
+
+def split_by_size(events: list[SyncEvent], limit: int = MAX_BATCH_BYTES) -> list[list[SyncEvent]]:
+    """Consecutive parts of ``events`` whose messages stay under ``limit`` bytes of JSON each."""
+    parts: list[list[SyncEvent]] = [[]]
+    size = 0
+    for event in events:
+        event_size = len(json.dumps(flow.message_of(event), separators=(",", ":")))
+        if parts[-1] and size + event_size > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(event)
+        size += event_size
+    return [part for part in parts if part]
 
 
 def _send(connection: Connection, events: list[SyncEvent]) -> None:
