@@ -7,9 +7,12 @@ class SyncqueueConfig(AppConfig):
     verbose_name = "Sync queue"
 
     def ready(self) -> None:
+        from connections.signals import connection_activated
         from syncqueue import tasks, triggers, views
         from trackers import panels
 
         post_migrate.connect(tasks.ensure_schedule, sender=self)
         triggers.connect()
         panels.register(views.issue_panel)
+        # What a deactivated connection collected goes out as soon as it is active again.
+        connection_activated.connect(tasks.on_connection_activated, dispatch_uid="syncqueue.activated")

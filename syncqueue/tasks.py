@@ -27,6 +27,10 @@ def kick() -> None:
         async_task("syncqueue.tasks.work", task_name="syncqueue work", save=False)
 
 
+def on_connection_activated(sender, connection, **kwargs) -> None:
+    kick()
+
+
 def work() -> int:
     return worker.drain(budget_seconds=45)
 
