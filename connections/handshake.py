@@ -111,8 +111,14 @@ def parse_code(code: str) -> InvitationCode:
             public_key=_unb64(body["k"]),
             expires=datetime.fromtimestamp(int(body["e"]), UTC),
         )
-    except (ValueError, KeyError, TypeError, UnicodeError):
+    except (ValueError, KeyError, TypeError, UnicodeError, OverflowError, OSError):
         raise HandshakeError("The invitation code is damaged; copy it again, whole.") from None
+    if (
+        len(invitation.node_name) > 100
+        or len(invitation.url) > 300
+        or not invitation.url.startswith(("http://", "https://"))
+    ):
+        raise HandshakeError("The invitation code is damaged; copy it again, whole.")
     if len(invitation.token) != 32 or len(invitation.public_key) != 32:
         raise HandshakeError("The invitation code is damaged; copy it again, whole.")
     if invitation.expires <= timezone.now():
@@ -127,7 +133,7 @@ def create_invitation(name: str, *, project: str = "", author=None, hours: int =
     if not node.url:
         raise HandshakeError("This node has no public URL (NODE_URL), so the other side cannot answer it.")
     connection = Connection.objects.create(name=name, project=project, is_initiator=True)
-    rules.install_defaults(connection, author)
+    connection.active_rules = rules.install_defaults(connection, author)
     key = X25519PrivateKey.generate()
     token = secrets.token_bytes(32)
     expires = timezone.now() + timedelta(hours=hours)
@@ -170,7 +176,7 @@ def accept_invitation(code: str, *, name: str = "", project: str = "", author=No
     }
     answer = _post(invitation.url.rstrip("/") + HANDSHAKE_PATH, payload)
     expected = proof(secret, "confirm", invitation.connection_uuid, invitation.node_id)
-    if not hmac.compare_digest(str(answer.get("proof", "")), expected):
+    if not _same(answer.get("proof"), expected):
         raise HandshakeError("The other node's answer could not be verified; the pairing was not completed.")
     with transaction.atomic():
         connection = Connection.objects.create(
@@ -185,8 +191,13 @@ def accept_invitation(code: str, *, name: str = "", project: str = "", author=No
             secret=secret,
             last_contact=timezone.now(),
         )
-        rules.install_defaults(connection, author)
+        connection.active_rules = rules.install_defaults(connection, author)
     return connection
+
+
+def _same(given, expected: str) -> bool:
+    """Constant-time comparison that treats anything but text as a mismatch."""
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _post(url: str, payload: dict) -> dict:
@@ -226,11 +237,12 @@ def answer_acceptance(payload: dict) -> dict:
         try:
             public = X25519PublicKey.from_public_bytes(_unb64(payload["public_key"]))
             private = X25519PrivateKey.from_private_bytes(_unb64(invitation.private_key))
+            # A degenerate public key (all zeros) makes the exchange itself fail.
+            secret = derive_secret(private.exchange(public), _unb64(invitation.token), str(connection.uuid))
         except ValueError:
             raise HandshakeError("Malformed public key.") from None
-        secret = derive_secret(private.exchange(public), _unb64(invitation.token), str(connection.uuid))
         expected = proof(secret, "accept", str(connection.uuid), payload["node_id"], payload["public_key"])
-        if not hmac.compare_digest(payload["proof"], expected):
+        if not _same(payload["proof"], expected):
             raise HandshakeError("The acceptance could not be verified.", status=403)
         confirmation = {
             "node_id": str(node.node_id),

@@ -69,7 +69,9 @@ class Connection(models.Model):
     secret = EncryptedTextField(blank=True, default="")
     # Where first syncs of remote entities create local ones (the built-in tracker's project key).
     project = models.CharField(max_length=50, blank=True)
-    active_rules = models.ForeignKey("RulesVersion", on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    # RESTRICT, not PROTECT: a version cannot be deleted alone while active, but deleting the
+    # connection deletes its versions with it.
+    active_rules = models.ForeignKey("RulesVersion", on_delete=models.RESTRICT, null=True, blank=True, related_name="+")
     # Polling: entities changed since this moment are looked at on the next pass.
     poll_watermark = models.DateTimeField(null=True, blank=True)
     polled_at = models.DateTimeField(null=True, blank=True)

@@ -25,6 +25,7 @@ api_v1 = [
     path("connections/<int:pk>/triggers/", connections_api.TriggerList.as_view(), name="connection-triggers"),
     path("triggers/<int:pk>/run/", sync_api.RunTrigger.as_view(), name="trigger-run"),
     path("twins/", sync_api.TwinList.as_view(), name="twin-list"),
+    path("twins/<int:pk>/", sync_api.TwinDetail.as_view(), name="twin-detail"),
     path("twins/<int:pk>/stop/", sync_api.TwinAction.as_view(action="stop"), name="twin-stop"),
     path("twins/<int:pk>/retry/", sync_api.TwinAction.as_view(action="retry"), name="twin-retry"),
     path("queue/stats/", sync_api.QueueStats.as_view(), name="queue-stats"),

@@ -61,6 +61,47 @@ class TwinSerializer(serializers.ModelSerializer):
         ]
 
 
+class EventSerializer(serializers.ModelSerializer):
+    rules_version = serializers.IntegerField(source="rules_version.number", default=None, read_only=True)
+
+    class Meta:
+        model = SyncEvent
+        fields = [
+            "id",
+            "direction",
+            "kind",
+            "seq",
+            "message_id",
+            "status",
+            "attempts",
+            "next_attempt",
+            "error",
+            "error_line",
+            "rules_version",
+            "created",
+            "finished",
+        ]
+
+
+class TwinDetailSerializer(TwinSerializer):
+    events = serializers.SerializerMethodField()
+
+    class Meta(TwinSerializer.Meta):
+        fields = [*TwinSerializer.Meta.fields, "last_sent", "last_received", "comment_map", "attachment_map", "events"]
+
+    def get_events(self, twin) -> list:
+        recent = twin.events.select_related("rules_version").order_by("-id")[:50]
+        return EventSerializer(recent, many=True).data
+
+
+class TwinDetail(generics.RetrieveAPIView):
+    """One twin with its last replicas both ways and its latest events: what a failure looked like."""
+
+    permission_classes = [StaffReadsAdminWrites]
+    serializer_class = TwinDetailSerializer
+    queryset = Twin.objects.select_related("connection")
+
+
 class TwinList(generics.ListAPIView):
     permission_classes = [StaffReadsAdminWrites]
     serializer_class = TwinSerializer

@@ -61,7 +61,8 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
     entity = tracker.get(key)
     with transaction.atomic():
         twin, _ = Twin.objects.select_for_update().get_or_create(connection=connection, local_key=entity.key)
-        if twin.state == Twin.State.STOPPED:
+        restart = twin.state == Twin.State.STOPPED
+        if restart:
             if not force:
                 return None
             twin.state = Twin.State.OK
@@ -76,10 +77,12 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
         if digest == twin.last_sent_hash and not force:
             twin.save()
             return None
-        return _queue(twin, Kind.UPDATE, replica, digest)
+        return _queue(twin, Kind.UPDATE, replica, digest, restart=restart)
 
 
-def _queue(twin: Twin, kind: str, replica: dict | None, digest: str = "", acks: str | None = None) -> SyncEvent:
+def _queue(
+    twin: Twin, kind: str, replica: dict | None, digest: str = "", acks: str | None = None, restart: bool = False
+) -> SyncEvent:
     twin.out_seq += 1
     if replica is not None:
         twin.last_sent = replica
@@ -88,6 +91,9 @@ def _queue(twin: Twin, kind: str, replica: dict | None, digest: str = "", acks: 
     payload: dict[str, Any] = {"replica": replica}
     if acks:
         payload["acks"] = acks
+    if restart:
+        # Tells the other side that this twin was stopped and someone chose to sync it again.
+        payload["restart"] = True
     event = SyncEvent.objects.create(
         connection=twin.connection,
         twin=twin,
@@ -148,12 +154,14 @@ def message_of(event: SyncEvent) -> dict[str, Any]:
     }
     if event.payload.get("acks"):
         message["acks"] = event.payload["acks"]
+    if event.payload.get("restart"):
+        message["restart"] = True
     return message
 
 
 # --- receiving -------------------------------------------------------------------------------
 
-MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks"}
+MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "restart"}
 
 
 def validate_message(message: Any) -> str | None:
@@ -181,6 +189,8 @@ def validate_message(message: Any) -> str | None:
         return "replica must be an object"
     if message.get("acks") is not None and not isinstance(message["acks"], str):
         return "acks must be a message id"
+    if message.get("restart") not in (None, True, False):
+        return "restart must be true or false"
     return None
 
 
@@ -225,7 +235,11 @@ def _store(connection: Connection, message: dict[str, Any]) -> bool:
         kind=message["kind"],
         seq=message["seq"],
         message_id=message["id"],
-        payload={"replica": message.get("replica"), "acks": message.get("acks")},
+        payload={
+            "replica": message.get("replica"),
+            "acks": message.get("acks"),
+            "restart": bool(message.get("restart")),
+        },
     )
     return True
 
@@ -251,6 +265,8 @@ def find_user_for(tracker_kind: str):
 
 def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
     """Apply one claimed incoming event in order; raises ScriptError/TrackerError/RemoteError on failure."""
+    if not getattr(tracker, "shares_database", False):
+        _create_first(event, tracker)
     with transaction.atomic():
         twin = (
             Twin.objects.select_for_update(of=("self",))
@@ -269,8 +285,16 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
             twin.save()
             _finish(event)
             return
-        if twin.state == Twin.State.STOPPED and event.kind == Kind.UPDATE:
-            twin.state = Twin.State.OK  # the remote started syncing it again
+        if twin.state == Twin.State.STOPPED:
+            if not (event.kind == Kind.UPDATE and event.payload.get("restart")):
+                # Stopped here: messages that crossed the stop change nothing.
+                twin.in_seq = event.seq
+                twin.save()
+                if event.kind == Kind.ACK:
+                    _mark_acknowledged(connection, event)
+                _finish(event)
+                return
+            twin.state = Twin.State.OK  # someone on the other side chose to sync it again
         rules = connection.active_rules
         replica = event.payload.get("replica") or {}
         entity = tracker.get(twin.local_key) if twin.local_key else None
@@ -306,10 +330,8 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
         twin.last_received_hash = replica_hash(replica)
         twin.in_seq = event.seq
         twin.last_synced = timezone.now()
-        if event.kind == Kind.ACK and event.payload.get("acks"):
-            SyncEvent.objects.filter(
-                connection=connection, direction=Direction.OUTGOING, message_id=event.payload["acks"]
-            ).exclude(status=Status.DONE).update(status=Status.DONE, finished=timezone.now(), error="")
+        if event.kind == Kind.ACK:
+            _mark_acknowledged(connection, event)
         if event.kind == Kind.UPDATE:
             # The acknowledgement: what this side now holds, made by our own outgoing rules.
             ack, _ = processors.run_outgoing(connection, rules, written, twin)
@@ -317,6 +339,48 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
         else:
             twin.save()
         _finish(event, rules)
+
+
+def _mark_acknowledged(connection: Connection, ack: SyncEvent) -> None:
+    if ack.payload.get("acks"):
+        SyncEvent.objects.filter(
+            connection=connection, direction=Direction.OUTGOING, message_id=ack.payload["acks"]
+        ).exclude(status=Status.DONE).update(status=Status.DONE, finished=timezone.now(), error="")
+
+
+def _create_first(event: SyncEvent, tracker: Tracker) -> None:
+    """For a tracker outside our database: create the entity of a first sync and commit its key at once.
+
+    Were the creation part of the big transaction, a failure after it (an attachment that
+    cannot be fetched, a dead worker) would roll back the twin's key but not the entity,
+    and the retry would create a second one.
+    """
+    with transaction.atomic():
+        twin = (
+            Twin.objects.select_for_update(of=("self",))
+            .select_related("connection__active_rules")
+            .get(pk=event.twin_id)
+        )
+        if twin.local_key or event.kind == Kind.STOP or event.seq != twin.in_seq + 1:
+            return
+        if twin.state == Twin.State.STOPPED and not event.payload.get("restart"):
+            return
+        connection = twin.connection
+        try:
+            plan = processors.plan_incoming(
+                connection,
+                connection.active_rules,
+                event.payload.get("replica") or {},
+                twin.last_received,
+                None,
+                twin,
+                find_user=find_user_for(tracker.kind),
+            )
+        except StopSync:
+            return  # the main path records the stop
+        if plan.create:
+            twin.local_key = processors.create_entity(tracker, plan).key
+            twin.save(update_fields=["local_key"])
 
 
 def _finish(event: SyncEvent, rules=None) -> None:

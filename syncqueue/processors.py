@@ -15,7 +15,7 @@ from typing import Any
 from connections.models import Connection, RulesVersion
 from connections.scripting import DebugLog, ScriptObject, StopSync, compile_script, run_script, to_plain
 from syncqueue.replica import entity_view, plain
-from trackers.base import Entity, Tracker
+from trackers.base import Entity, Tracker, TrackerError
 
 WRITABLE = ("summary", "description", "type", "status", "priority", "labels", "assignee", "custom_fields")
 
@@ -152,15 +152,19 @@ class Helpers:
         remote = [a for a in (self._replica.get("attachments") or []) if isinstance(a, Mapping) and a.get("id")]
         local = {a["id"]: a for a in self._entity["attachments"]}
         local_by_hash = {a["sha256"]: a["id"] for a in self._entity["attachments"]}
+        linked = set(self._attachment_map.values())
         seen = set()
         for attachment in remote:
             remote_id = str(attachment["id"])
+            if remote_id in seen:
+                continue
             seen.add(remote_id)
             if remote_id in self._attachment_map:
                 continue
             existing = local_by_hash.get(attachment.get("sha256"))
-            if existing is not None and existing not in self._attachment_map.values():
+            if existing is not None and existing not in linked:
                 self._attachment_ops.append(("link", remote_id, existing))
+                linked.add(existing)
             else:
                 self._attachment_ops.append(("add", remote_id, to_plain(attachment)))
         for remote_id, local_id in self._attachment_map.items():
@@ -266,6 +270,14 @@ def plan_incoming(
     )
 
 
+def create_entity(tracker: Tracker, plan: IncomingPlan) -> Entity:
+    """The first-sync creation a plan asks for."""
+    if not plan.project:
+        raise TrackerError("the incoming rules did not set issue.project for a first sync", permanent=True)
+    fields = {k: v for k, v in plan.fields.items() if v is not None or k in ("assignee", "priority")}
+    return tracker.create(plan.project, fields)
+
+
 def apply_plan(
     tracker: Tracker,
     plan: IncomingPlan,
@@ -275,13 +287,7 @@ def apply_plan(
 ) -> Entity:
     """Carry out ``plan`` on the tracker; updates the twin's maps (the caller saves the twin)."""
     if plan.create:
-        if not plan.project:
-            from trackers.base import TrackerError
-
-            raise TrackerError("the incoming rules did not set issue.project for a first sync", permanent=True)
-        fields = {k: v for k, v in plan.fields.items() if v is not None or k in ("assignee", "priority")}
-        entity = tracker.create(plan.project, fields)
-        key = entity.key
+        key = create_entity(tracker, plan).key
     elif plan.fields:
         tracker.update(key, plan.fields)
     for op in plan.comments:

@@ -61,7 +61,8 @@ def _ready(direction: str):
     now = timezone.now()
     events = SyncEvent.objects.filter(direction=direction, status=Status.PENDING, next_attempt__lte=now)
     if direction == Direction.INCOMING:
-        return events.filter(twin__state__in=(Twin.State.OK, Twin.State.STOPPED), seq=F("twin__in_seq") + 1)
+        # Next in sequence, or already applied (a redelivery, which is marked done without effect).
+        return events.filter(twin__state__in=(Twin.State.OK, Twin.State.STOPPED), seq__lte=F("twin__in_seq") + 1)
     return events.filter(connection__status=Connection.Status.ACTIVE).exclude(twin__state=Twin.State.BLOCKED)
 
 

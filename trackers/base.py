@@ -123,6 +123,9 @@ class Tracker(Protocol):
     """What the sync needs from a tracker. Every method raises only TrackerError."""
 
     kind: str
+    # True when writes join the node's database transaction (only the built-in tracker);
+    # the sync then creates and links an entity in one step. Other adapters leave it False.
+    shares_database: bool = False
 
     def get(self, key: str) -> Entity:
         """The entity with its comments and attachments; NotFound if there is none."""

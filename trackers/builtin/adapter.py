@@ -142,6 +142,8 @@ class BuiltinTracker:
     """This node's own tracker. Writes are made as the ``account`` user (created if missing)."""
 
     kind = "builtin"
+    # Its writes join the node's own database transaction, so a failed sync step undoes them.
+    shares_database = True
 
     def __init__(self, account: str = "sync"):
         if not isinstance(account, str) or not account.strip():

@@ -1,0 +1,256 @@
+"""The promises of DESIGN.md, by name. Convergence (1), catching a bouncing twin (5) and
+conflicts (7) come with their own issues.
+
+Blue is this test database; Red is played by hand (tests/syncpair.py).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from unittest import mock
+
+import pytest
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from syncqueue import flow, processors, tasks, transport, worker
+from syncqueue.models import SyncEvent, Twin
+from tests.syncpair import (
+    WORKER,
+    MemoryTracker,
+    Red,
+    attachment,
+    blue_issue,
+    comment,
+    connect_red,
+    serve,
+    tracker,
+    use_rules,
+    work,
+)
+from trackers.builtin import actions
+from trackers.builtin.models import Attachment, Issue
+
+RED_DOWN = transport.RemoteError("Red does not answer at http://red.example (ConnectionError)")
+
+
+class WorkerKilled(BaseException):
+    """The worker process dies here: nothing after this line of the sync runs."""
+
+
+@pytest.fixture(autouse=True)
+def no_kick(monkeypatch):
+    monkeypatch.setattr(tasks, "kick", lambda: None)
+
+
+@pytest.fixture
+def red(project):
+    return Red(connect_red())
+
+
+def expire_leases() -> None:
+    SyncEvent.objects.filter(status="processing").update(lease_expires=timezone.now() - timedelta(seconds=1))
+
+
+def make_due() -> None:
+    SyncEvent.objects.filter(status="pending").update(next_attempt=timezone.now())
+
+
+# --- 2. no duplicates -------------------------------------------------------------------------
+
+
+def test_it_never_creates_a_duplicate_twin(red):
+    Twin.objects.create(connection=red.connection, local_key="BLUE-9", remote_key="RED-9")
+    for keys in ({"local_key": "BLUE-9"}, {"remote_key": "RED-9"}):
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Twin.objects.create(connection=red.connection, **keys)
+    # Red sends its first update again under new ids, and changes it, before any ack came back.
+    red.send(red.update(seq=1), red.update(seq=1), red.update(seq=2, summary="Changed on Red"))
+    work()
+    assert Twin.objects.filter(remote_key="RED-1").count() == 1
+    assert list(Issue.objects.values_list("summary", flat=True)) == ["Changed on Red"]
+
+
+def test_it_never_creates_a_second_issue_when_a_first_sync_is_retried(red):
+    red.send(red.update(attachments=[attachment("a1", b"bytes")]))
+    with mock.patch.object(transport, "fetch_attachment", side_effect=RED_DOWN):
+        work()
+    assert Issue.objects.count() == 0, "the failed first sync left nothing half-made behind"
+    make_due()
+    with mock.patch.object(transport, "fetch_attachment", return_value=b"bytes"):
+        work()
+    assert Issue.objects.count() == 1
+    assert red.twin().local_key == Issue.objects.get().key
+
+
+def test_it_never_creates_a_second_issue_when_the_worker_dies_between_create_and_ack(red):
+    red.send(red.update())
+    with mock.patch.object(processors, "run_outgoing", side_effect=WorkerKilled), pytest.raises(WorkerKilled):
+        work()
+    expire_leases()
+    worker.reclaim_expired()
+    work()
+    assert Issue.objects.count() == 1
+    assert len(red.outgoing(kind="ack")) == 1
+
+
+def test_it_never_creates_a_second_entity_in_an_outside_tracker_when_a_first_sync_is_retried(red):
+    outside = MemoryTracker()
+    red.send(red.update(attachments=[attachment("a1", b"bytes")]))
+    with (
+        mock.patch.object(flow, "local_tracker", return_value=outside),
+        mock.patch.object(transport, "fetch_attachment", side_effect=RED_DOWN),
+    ):
+        work()
+        make_due()
+        work()
+    assert len(outside.entities) == 1
+
+
+def test_it_never_adds_a_comment_twice(red):
+    red.send(red.update(comments=[comment("c1", "Hello"), comment("c1", "Hello")]))
+    red.send(red.update(comments=[comment("c1", "Hello"), comment("c2", "Again")]))
+    work()
+    bodies = [c.body for c in tracker().get(red.twin().local_key).comments]
+    assert bodies == ["Rita Red (Red) wrote:\n\nHello", "Rita Red (Red) wrote:\n\nAgain"]
+
+
+def test_it_never_adds_an_attachment_twice(red):
+    files = [attachment("a1", b"one", "one.txt"), attachment("a2", b"two", "two.txt")]
+    red.send(red.update(attachments=files[:1]), red.update(attachments=files), red.update(attachments=files))
+    with mock.patch.object(transport, "fetch_attachment", side_effect=serve(b"one", b"two")):
+        work()
+    held = tracker().get(red.twin().local_key).attachments
+    assert sorted((a.filename, a.read()) for a in held) == [("one.txt", b"one"), ("two.txt", b"two")]
+
+
+def test_it_never_adds_an_attachment_listed_twice_in_one_replica(red):
+    red.send(red.update(attachments=[attachment("a1", b"one"), attachment("a1", b"one")]))
+    with mock.patch.object(transport, "fetch_attachment", return_value=b"one"):
+        work()
+    assert Attachment.objects.count() == 1
+
+
+# --- 3. exactly-once effect -------------------------------------------------------------------
+
+
+def test_it_applies_a_message_twice_with_the_effect_of_once(red):
+    update = red.update(comments=[comment("c1", "Once")])
+    red.send(update, update)
+    work()
+    red.send(update)
+    work()
+    assert SyncEvent.objects.filter(direction="incoming").count() == 1
+    assert Issue.objects.count() == 1
+    assert len(tracker().get(red.twin().local_key).comments) == 1
+    assert len(red.outgoing(kind="ack")) == 1
+
+
+def test_it_reclaims_work_from_a_dead_worker(red):
+    red.send(red.update(summary="Survives"))
+    with mock.patch.object(processors, "run_outgoing", side_effect=WorkerKilled), pytest.raises(WorkerKilled):
+        work()
+    event = SyncEvent.objects.get(direction="incoming")
+    assert event.status == "processing"
+    assert worker.reclaim_expired() == 0, "the lease still runs: the worker may be alive"
+    expire_leases()
+    assert worker.reclaim_expired() == 1
+    work()
+    event.refresh_from_db()
+    assert event.status == "done"
+    assert tracker().get(red.twin().local_key).summary == "Survives"
+
+
+# --- 4. order per twin ------------------------------------------------------------------------
+
+
+def test_it_applies_messages_of_a_twin_in_order_and_lets_other_twins_pass(red):
+    first, second = red.update("RED-1", summary="First"), red.update("RED-1", summary="Second")
+    red.send(second, red.update("RED-2", summary="Other"))
+    work()
+    assert tracker().get(red.twin("RED-2").local_key).summary == "Other"
+    assert red.twin("RED-1").local_key is None, "seq 2 waits for seq 1"
+    red.send(first)
+    work()
+    assert tracker().get(red.twin("RED-1").local_key).summary == "Second"
+
+
+# --- 5. no echo -------------------------------------------------------------------------------
+
+
+def test_it_does_not_echo_a_change_the_sync_wrote(red, alice, django_capture_on_commit_callbacks):
+    files = [attachment("a1", b"file")]
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        mock.patch.object(transport, "fetch_attachment", side_effect=serve(b"file")),
+    ):
+        red.send(red.update(summary="From Red", comments=[comment("c1", "Hi")], attachments=files))
+        work()
+        red.send(red.update(summary="Edited on Red", comments=[comment("c1", "Hi, edited")], attachments=files))
+        work()
+    acks = red.outgoing()
+    assert [e.kind for e in acks] == ["ack", "ack"]
+    assert [(a.payload["replica"]["comments"], a.payload["replica"]["attachments"]) for a in acks] == [([], [])] * 2
+    key = red.twin().local_key
+    with django_capture_on_commit_callbacks(execute=True):
+        actions.update_issue(Issue.objects.get(key=key), {"summary": "Edited on Blue"}, actor=alice)
+    assert [e.kind for e in red.outgoing()] == ["ack", "ack", "update"]
+    assert flow.sync_entity(red.connection, key) is None, "an unchanged replica is not sent again"
+
+
+# --- 6. no silent failure ---------------------------------------------------------------------
+
+
+def test_it_blocks_a_failing_twin_visibly_and_keeps_others_flowing(red, alice_api):
+    use_rules(
+        red.connection,
+        incoming='issue.project = "BLUE"\nissue.summary = replica.summary\nif replica.summary == "boom":\n'
+        "    issue.description = str(1 / 0)\n",
+    )
+    red.send(red.update("RED-1", summary="boom"), red.update("RED-2", summary="fine"))
+    work()
+    assert tracker().get(red.twin("RED-2").local_key).summary == "fine"
+    [shown] = alice_api.get("/api/v1/twins/", {"remote_key": "RED-1"}).json()["results"]
+    assert shown["state"] == "blocked"
+    assert shown["last_error"] == "incoming rules, line 4: ZeroDivisionError: division by zero"
+    failed = SyncEvent.objects.get(twin__remote_key="RED-1", direction="incoming")
+    assert (failed.status, failed.error_line, failed.payload["replica"]["summary"]) == ("failed", 4, "boom")
+    use_rules(red.connection)
+    assert alice_api.post(f"/api/v1/twins/{shown['id']}/retry/").status_code == 200
+    work()
+    assert red.twin("RED-1").state == "ok"
+    assert tracker().get(red.twin("RED-1").local_key).summary == "boom"
+
+
+def test_it_retries_a_transient_failure_with_backoff(red):
+    red.send(red.update(attachments=[attachment("a1", b"bytes")]))
+    with mock.patch.object(transport, "fetch_attachment", side_effect=RED_DOWN):
+        work()
+    event = SyncEvent.objects.get(direction="incoming")
+    assert (event.status, event.attempts, event.error) == ("pending", 1, str(RED_DOWN))
+    assert event.next_attempt > timezone.now()
+    assert red.twin().state == "ok"
+
+
+# --- delivery ---------------------------------------------------------------------------------
+
+
+def test_it_never_loses_an_accepted_message(red, alice):
+    update = red.update(summary="Stored before the answer")
+    assert red.send(update)["accepted"] == [update["id"]]
+    assert SyncEvent.objects.filter(message_id=update["id"], direction="incoming").exists()
+    event = flow.sync_entity(red.connection, blue_issue(alice).key)
+    with mock.patch.object(transport, "post_messages", side_effect=RED_DOWN):
+        for _ in range(3):
+            make_due()
+            worker.send_outgoing(WORKER)
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == ("pending", 3)
+    make_due()
+    with mock.patch.object(transport, "post_messages") as post:
+        post.return_value = {"accepted": [str(event.message_id)], "rejected": {}}
+        worker.send_outgoing(WORKER)
+    [(_, messages)] = [c.args for c in post.call_args_list]
+    assert [m["id"] for m in messages] == [str(event.message_id)]
+    event.refresh_from_db()
+    assert event.status == "sent"

@@ -1,0 +1,298 @@
+"""The processors: the default rules' replica, the helpers' merges, and plans that write nothing."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pytest
+from django.db import connection as db
+from django.test.utils import CaptureQueriesContext
+
+from connections.scripting import ScriptError, StopSync
+from syncqueue import flow, processors
+from syncqueue.models import Twin
+from syncqueue.replica import entity_view
+from tests.syncpair import RITA, attachment, blue_issue, comment, connect_red, replica, tracker, use_rules
+from trackers.builtin import actions
+from trackers.builtin.models import Comment, Issue
+
+
+@pytest.fixture
+def red(project):
+    return connect_red()
+
+
+def plan(connection, remote: dict, key: str | None = None, twin: Twin | None = None, find_user=None):
+    """What the active incoming rules want done to ``key`` (None: a first sync) for ``remote``."""
+    entity = tracker().get(key) if key else None
+    return processors.plan_incoming(
+        connection, connection.active_rules, remote, None, entity, twin, find_user=find_user
+    )
+
+
+def outgoing_replica(connection, key: str, twin: Twin | None = None) -> dict:
+    return processors.run_outgoing(connection, connection.active_rules, tracker().get(key), twin)[0]
+
+
+def twin_of(connection, key: str, **maps) -> Twin:
+    return Twin.objects.create(connection=connection, local_key=key, remote_key="RED-1", **maps)
+
+
+def attributed(body: str, name: str = "Rita Red") -> str:
+    return f"{name} (Red) wrote:\n\n{body}"
+
+
+# --- outgoing ---------------------------------------------------------------------------------
+
+
+def test_it_makes_the_replica_the_default_rules_define(red, alice, bob):
+    issue = blue_issue(alice, description="Details", priority="High", labels=["ui", "bug"], assignee="bob", type="Bug")
+    note = actions.add_comment(issue, "First!", actor=bob)
+    file = actions.add_attachment(issue, "log.txt", BytesIO(b"log line"), "text/plain", actor=alice)
+    entity = tracker().get(issue.key)
+    assert outgoing_replica(red, issue.key) == {
+        "key": issue.key,
+        "summary": "Made on Blue",
+        "description": "Details",
+        "type": "Bug",
+        "status": "Open",
+        "priority": "High",
+        "labels": ["bug", "ui"],
+        "assignee": {"id": "bob", "name": "Bob", "email": "bob@example.org"},
+        "reporter": {"id": "alice", "name": "Alice", "email": "alice@example.org"},
+        "comments": [
+            {
+                "id": str(note.pk),
+                "author": {"id": "bob", "name": "Bob", "email": "bob@example.org"},
+                "body": "First!",
+                "created": entity.comments[0].created.isoformat(),
+                "updated": entity.comments[0].updated.isoformat(),
+            }
+        ],
+        "attachments": [
+            {
+                "id": str(file.pk),
+                "filename": "log.txt",
+                "size": 8,
+                "content_type": "text/plain",
+                "sha256": file.sha256,
+            }
+        ],
+    }
+
+
+def test_it_leaves_out_comments_and_attachments_the_sync_imported(red, alice):
+    issue = blue_issue(alice)
+    own = actions.add_comment(issue, "Written here", actor=alice)
+    imported = actions.add_comment(issue, attributed("Written on Red"))
+    own_file = actions.add_attachment(issue, "here.txt", BytesIO(b"here"), "text/plain")
+    imported_file = actions.add_attachment(issue, "red.txt", BytesIO(b"red"), "text/plain")
+    twin = twin_of(red, issue.key, comment_map={"c9": str(imported.pk)}, attachment_map={"a9": str(imported_file.pk)})
+    sent = outgoing_replica(red, issue.key, twin)
+    assert [c["id"] for c in sent["comments"]] == [str(own.pk)]
+    assert [a["id"] for a in sent["attachments"]] == [str(own_file.pk)]
+
+
+def test_it_carries_a_script_error_with_its_line(red, alice):
+    use_rules(red, outgoing="replica.summary = issue.summary\n\nreplica.size = len(issue.summary) / 0\n")
+    with pytest.raises(ScriptError) as error:
+        outgoing_replica(red, blue_issue(alice).key)
+    assert error.value.line == 3
+    assert str(error.value) == "outgoing rules, line 3: ZeroDivisionError: division by zero"
+
+
+def test_it_stops_syncing_when_the_outgoing_rules_say_so(red, alice):
+    use_rules(red, outgoing='if "private" in issue.labels:\n    helpers.stop_sync("private issue")\n')
+    key = blue_issue(alice, labels=["private"]).key
+    with pytest.raises(StopSync, match="private issue"):
+        outgoing_replica(red, key)
+    assert flow.sync_entity(red, key) is None
+    assert not red.events.exists()
+
+
+def test_it_stops_syncing_when_the_incoming_rules_say_so(red):
+    use_rules(red, incoming='if "secret" in replica.labels:\n    helpers.stop_sync()\nissue.project = "BLUE"\n')
+    with pytest.raises(StopSync, match="stopped by the rules"):
+        plan(red, replica(labels=["secret"]))
+
+
+# --- incoming: fields -------------------------------------------------------------------------
+
+
+def test_it_plans_a_first_sync_in_the_connection_project(red):
+    first = plan(red, replica(summary="New on Red", labels=["x"], priority="Low"))
+    assert (first.create, first.project) == (True, "BLUE")
+    assert first.fields == {
+        "summary": "New on Red",
+        "description": "",
+        "type": "Task",
+        "status": "Open",
+        "priority": "Low",
+        "labels": ["x"],
+    }
+
+
+def test_it_plans_only_the_fields_that_differ(red, alice):
+    key = blue_issue(alice, summary="Same", description="Old").key
+    later = plan(red, replica(summary="Same", description="New"), key, twin_of(red, key))
+    assert (later.create, later.fields) == (False, {"description": "New"})
+
+
+def test_it_writes_nothing_while_planning(red, alice):
+    issue = blue_issue(alice, summary="Before")
+    mapped = actions.add_comment(issue, attributed("Old"))
+    twin = twin_of(red, issue.key, comment_map={"c1": str(mapped.pk)})
+    remote = replica(
+        summary="After", comments=[comment("c1", "Edited"), comment("c2", "New")], attachments=[attachment("a1", b"x")]
+    )
+    with CaptureQueriesContext(db) as queries:
+        planned = plan(red, remote, issue.key, twin, find_user=flow.find_user_for("builtin"))
+    assert planned.fields["summary"] == "After"
+    assert len(planned.comments) == 2 and len(planned.attachments) == 1
+    writes = [q["sql"] for q in queries if not q["sql"].lstrip().upper().startswith("SELECT")]
+    assert writes == []
+    assert twin.comment_map == {"c1": str(mapped.pk)} and twin.attachment_map == {}
+    assert Issue.objects.get().summary == "Before"
+
+
+def test_it_prints_debug_lines_into_the_plan(red):
+    use_rules(red, incoming='issue.project = "BLUE"\nhelpers.debug("saw", replica.summary)\n')
+    assert plan(red, replica(summary="Hi")).debug == ["saw Hi"]
+
+
+# --- incoming: comments -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def issue(red, alice):
+    return blue_issue(alice)
+
+
+def test_it_adds_a_new_remote_comment_with_attribution(red, issue):
+    planned = plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin_of(red, issue.key))
+    assert planned.comments == [("add", "c1", "Rita Red (Red) wrote:\n\nHello")]
+
+
+def test_it_updates_an_edited_remote_comment_and_leaves_an_unchanged_one(red, issue):
+    edited = actions.add_comment(issue, attributed("Old"))
+    same = actions.add_comment(issue, attributed("Same"))
+    twin = twin_of(red, issue.key, comment_map={"c1": str(edited.pk), "c2": str(same.pk)})
+    planned = plan(red, replica(comments=[comment("c1", "New"), comment("c2", "Same")]), issue.key, twin)
+    assert planned.comments == [("update", "c1", str(edited.pk), attributed("New"))]
+
+
+def test_it_deletes_a_comment_deleted_remotely(red, issue):
+    gone = actions.add_comment(issue, attributed("Bye"))
+    twin = twin_of(red, issue.key, comment_map={"c1": str(gone.pk)})
+    assert plan(red, replica(comments=[]), issue.key, twin).comments == [("delete", "c1", str(gone.pk))]
+
+
+def test_it_never_plans_a_mapped_comment_again(red, issue):
+    known = actions.add_comment(issue, attributed("Hello"))
+    twin = twin_of(red, issue.key, comment_map={"c1": str(known.pk)})
+    assert plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin).comments == []
+
+
+def test_it_plans_a_comment_listed_twice_once(red, issue):
+    twice = replica(comments=[comment("c1", "Hello"), comment("c1", "Hello"), {**comment("1", "x"), "id": 1}])
+    planned = plan(red, twice, issue.key, twin_of(red, issue.key))
+    assert [op[:2] for op in planned.comments] == [("add", "c1"), ("add", "1")]
+
+
+def test_it_ignores_malformed_comments(red, issue):
+    malformed = ["text", None, 5, ["c1"], {"body": "no id"}, {"id": "", "body": "empty id"}]
+    strange_author = {"id": "c2", "author": "not a person", "body": None}
+    planned = plan(red, replica(comments=[*malformed, strange_author]), issue.key, twin_of(red, issue.key))
+    assert planned.comments == [("add", "c2", "Someone (Red) wrote:\n\n")]
+
+
+def test_it_adds_the_planned_comments_once(red, issue):
+    twin = twin_of(red, issue.key)
+    planned = plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin)
+    processors.apply_plan(tracker(), planned, issue.key, twin, fetch_attachment=None)
+    [added] = Comment.objects.filter(issue=issue)
+    assert twin.comment_map == {"c1": str(added.pk)}
+    assert plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin).is_empty
+
+
+# --- incoming: attachments --------------------------------------------------------------------
+
+
+def test_it_adds_a_remote_attachment_by_hash(red, issue):
+    remote = attachment("a1", b"content")
+    planned = plan(red, replica(attachments=[remote]), issue.key, twin_of(red, issue.key))
+    assert planned.attachments == [("add", "a1", remote)]
+
+
+def test_it_links_a_local_attachment_with_the_same_content_instead_of_adding(red, issue):
+    local = actions.add_attachment(issue, "mine.txt", BytesIO(b"same bytes"), "text/plain")
+    remote = attachment("a1", b"same bytes", filename="theirs.txt")
+    planned = plan(red, replica(attachments=[remote]), issue.key, twin_of(red, issue.key))
+    assert planned.attachments == [("link", "a1", str(local.pk))]
+
+
+def test_it_removes_an_attachment_removed_remotely(red, issue):
+    gone = actions.add_attachment(issue, "old.txt", BytesIO(b"old"), "text/plain")
+    twin = twin_of(red, issue.key, attachment_map={"a1": str(gone.pk)})
+    assert plan(red, replica(attachments=[]), issue.key, twin).attachments == [("remove", "a1", str(gone.pk))]
+
+
+def test_it_never_plans_a_mapped_attachment_again(red, issue):
+    known = actions.add_attachment(issue, "known.txt", BytesIO(b"known"), "text/plain")
+    twin = twin_of(red, issue.key, attachment_map={"a1": str(known.pk)})
+    assert plan(red, replica(attachments=[attachment("a1", b"known")]), issue.key, twin).attachments == []
+
+
+def test_it_ignores_malformed_attachments(red, issue):
+    malformed = ["file", None, {"filename": "no id"}, {"id": ""}]
+    assert plan(red, replica(attachments=malformed), issue.key, twin_of(red, issue.key)).attachments == []
+
+
+def test_it_plans_an_attachment_listed_twice_once(red, issue):
+    twice = replica(attachments=[attachment("a1", b"bytes"), attachment("a1", b"bytes")])
+    planned = plan(red, twice, issue.key, twin_of(red, issue.key))
+    assert [op[:2] for op in planned.attachments] == [("add", "a1")]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def helpers(db):
+    return processors.Helpers(entity=entity_view(None), find_user=flow.find_user_for("builtin"))
+
+
+def test_it_maps_a_value_or_gives_the_default(helpers):
+    statuses = {"New": "Open", "Done": "Closed"}
+    assert helpers.map_value("Done", statuses) == "Closed"
+    assert helpers.map_value("Unknown", statuses) is None
+    assert helpers.map_value("Unknown", statuses, default="Open") == "Open"
+    assert helpers.map_value(["not", "hashable"], statuses, default="Open") == "Open"
+    with pytest.raises(TypeError, match="needs a dict"):
+        helpers.map_value("New", [("New", "Open")])
+
+
+def test_it_maps_a_value_inside_the_rules(red):
+    mapped = 'issue.status = helpers.map_value(replica.status, {"New": "Open"})\n'
+    use_rules(red, incoming='issue.project = "BLUE"\n' + mapped)
+    assert plan(red, replica(status="New")).fields["status"] == "Open"
+
+
+def test_it_finds_a_user_by_email_then_by_username(helpers, alice, bob, charlie):
+    assert helpers.find_user({"id": "someone", "email": "BOB@example.org"}) == "bob"
+    assert helpers.find_user({"id": "charlie", "email": "nobody@red.example"}) == "charlie"
+    assert helpers.find_user({"id": "bob", "email": "alice@example.org"}) == "alice"
+    assert helpers.find_user(RITA) is None
+    assert helpers.find_user(None) is None
+    assert helpers.find_user("bob") is None
+
+
+def test_it_does_not_find_an_inactive_user(helpers, bob):
+    bob.is_active = False
+    bob.save()
+    assert helpers.find_user({"id": "bob", "email": "bob@example.org"}) is None
+
+
+def test_it_assigns_the_matching_user_on_incoming(red, bob):
+    remote = replica(assignee={"id": "robert", "name": "Robert", "email": "bob@example.org"})
+    assert plan(red, remote, find_user=flow.find_user_for("builtin")).fields["assignee"] == "bob"
