@@ -219,3 +219,17 @@ class RulesVersions(APIView):
             )
         version.connection.refresh_from_db()
         return Response(RulesVersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+
+class ActivateRulesVersion(APIView):
+    """Rollback: make an older (or any) version of the rules the active one."""
+
+    permission_classes = [StaffReadsAdminWrites]
+
+    def post(self, request, pk: int, number: int):
+        version = generics.get_object_or_404(
+            RulesVersion.objects.select_related("connection"), connection_id=pk, number=number
+        )
+        rules.activate(version)
+        version.connection.refresh_from_db()
+        return Response(RulesVersionSerializer(version).data)

@@ -22,6 +22,11 @@ api_v1 = [
     ),
     path("connections/<int:pk>/sync/", sync_api.SyncNow.as_view(), name="connection-sync"),
     path("connections/<int:pk>/rules/", connections_api.RulesVersions.as_view(), name="connection-rules"),
+    path(
+        "connections/<int:pk>/rules/<int:number>/activate/",
+        connections_api.ActivateRulesVersion.as_view(),
+        name="connection-rules-activate",
+    ),
     path("connections/<int:pk>/triggers/", connections_api.TriggerList.as_view(), name="connection-triggers"),
     path("triggers/<int:pk>/run/", sync_api.RunTrigger.as_view(), name="trigger-run"),
     path("twins/", sync_api.TwinList.as_view(), name="twin-list"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db.models import Count
 from rest_framework import generics, serializers, status
+from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -14,6 +15,15 @@ from syncqueue.models import SyncEvent, Twin
 from trackers.base import NotFound, TrackerError
 
 
+class StaffOperates(BasePermission):
+    """Queue operations (sync now, stop, retry, run a trigger) are for staff, as on the pages."""
+
+    message = "Only staff may operate the sync."
+
+    def has_permission(self, request, view) -> bool:
+        return bool(request.user and request.user.is_authenticated and request.user.is_staff)
+
+
 class SyncInput(StrictSerializer):
     key = serializers.CharField(max_length=100)
 
@@ -21,7 +31,7 @@ class SyncInput(StrictSerializer):
 class SyncNow(APIView):
     """The API trigger: POST {"key": ...} brings that entity under sync on this connection now."""
 
-    permission_classes = [StaffReadsAdminWrites]
+    permission_classes = [StaffOperates]
 
     def post(self, request, pk: int):
         connection = generics.get_object_or_404(Connection.objects.select_related("active_rules"), pk=pk)
@@ -146,7 +156,7 @@ class QueueStats(APIView):
 
 
 class TwinAction(APIView):
-    permission_classes = [StaffReadsAdminWrites]
+    permission_classes = [StaffOperates]
     action = "retry"
 
     def post(self, request, pk: int):
@@ -161,7 +171,7 @@ class TwinAction(APIView):
 class RunTrigger(APIView):
     """ "Sync all matches now": every entity matching the trigger comes under sync."""
 
-    permission_classes = [StaffReadsAdminWrites]
+    permission_classes = [StaffOperates]
 
     def post(self, request, pk: int):
         trigger = generics.get_object_or_404(Trigger.objects.select_related("connection__active_rules"), pk=pk)

@@ -283,15 +283,22 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
             twin.state = Twin.State.STOPPED
             twin.in_seq = event.seq
             twin.save()
+            # Our updates the other side will now never acknowledge are finished too.
+            SyncEvent.objects.filter(
+                twin=twin, direction=Direction.OUTGOING, kind=Kind.UPDATE, status=Status.SENT
+            ).update(status=Status.DONE, finished=timezone.now(), error="the other side stopped syncing this")
             _finish(event)
             return
         if twin.state == Twin.State.STOPPED:
             if not (event.kind == Kind.UPDATE and event.payload.get("restart")):
-                # Stopped here: messages that crossed the stop change nothing.
+                # Stopped here: messages that crossed the stop change nothing. An update gets a
+                # stop in answer, so its sender closes it instead of waiting for an ack.
                 twin.in_seq = event.seq
-                twin.save()
                 if event.kind == Kind.ACK:
                     _mark_acknowledged(connection, event)
+                    twin.save()
+                else:
+                    _queue(twin, Kind.STOP, None)
                 _finish(event)
                 return
             twin.state = Twin.State.OK  # someone on the other side chose to sync it again
@@ -309,10 +316,11 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
                 find_user=find_user_for(tracker.kind),
             )
         except StopSync as e:
+            # The rules stopped it: say so to the other side too, so that it stops sending.
             twin.state = Twin.State.STOPPED
             twin.blocked_reason = str(e)
             twin.in_seq = event.seq
-            twin.save()
+            _queue(twin, Kind.STOP, None)
             _finish(event, rules)
             return
         limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
@@ -448,8 +456,10 @@ def resolve_and_retry(twin: Twin) -> int:
     # A failed outgoing script has nothing to resend: running the rules again is the retry.
     rerun = failed.filter(seq=0).exists()
     failed.filter(seq=0).update(status=Status.DONE, finished=timezone.now())
-    twin.state = Twin.State.OK
-    twin.blocked_reason = ""
+    # Only a blocked twin is unblocked; a stopped one stays stopped until someone syncs it again.
+    if twin.state == Twin.State.BLOCKED:
+        twin.state = Twin.State.OK
+        twin.blocked_reason = ""
     twin.save()
     if rerun and twin.local_key:
         transaction.on_commit(lambda: _resync(twin.pk))

@@ -90,6 +90,9 @@ CHANGES = [
     ("/connections/{pk}/deactivate/", {}),
     ("/connections/{pk}/rules/", {"outgoing": "", "incoming": ""}),
     ("/connections/{pk}/triggers/", {"query": "project:BLUE"}),
+    ("/connections/{pk}/rules/1/activate/", {}),
+]
+OPERATIONS = [
     ("/connections/{pk}/sync/", {"key": "BLUE-1"}),
     ("/twins/{twin}/stop/", {}),
     ("/twins/{twin}/retry/", {}),
@@ -115,6 +118,26 @@ def test_it_lets_only_admins_change(path, body, connection, blocked_twin, bob_ap
     assert blocked_twin.state == Twin.State.BLOCKED
     assert not Trigger.objects.exists()
     assert Connection.objects.count() == 1
+
+
+@pytest.mark.parametrize(("path", "body"), OPERATIONS)
+def test_it_lets_only_staff_operate_the_sync(path, body, connection, blocked_twin, charlie_api, client):
+    url = API + path.format(pk=connection.pk, twin=blocked_twin.pk)
+    assert_error(charlie_api.post(url, body, format="json"), 403, text="only staff")
+    assert_error(client.post(url, body, format="json"), 401)
+    blocked_twin.refresh_from_db()
+    assert blocked_twin.state == Twin.State.BLOCKED
+
+
+def test_it_rolls_back_to_an_older_rules_version(alice_api, connection):
+    from connections import rules
+
+    rules.save_rules(connection, "replica.summary = 'v2'\n", "", comment="v2")
+    body = alice_api.post(API + f"/connections/{connection.pk}/rules/1/activate/", format="json").json()
+    assert (body["number"], body["active"]) == (1, True)
+    connection.refresh_from_db()
+    assert connection.active_rules.number == 1
+    assert alice_api.post(API + f"/connections/{connection.pk}/rules/9/activate/").status_code == 404
 
 
 @pytest.mark.parametrize(

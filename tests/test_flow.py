@@ -368,3 +368,41 @@ def test_it_holds_outgoing_messages_of_a_deactivated_connection(red, alice):
         assert worker.send_outgoing(WORKER) == 1
     event.refresh_from_db()
     assert event.status == "sent"
+
+
+def test_it_answers_an_update_to_a_stopped_twin_with_a_stop(red):
+    first_sync(red)
+    flow.stop_twin(red.twin(), tell_remote=False)
+    red.send(red.update(summary="Red did not hear of the stop"))
+    work()
+    [stop] = red.twin().events.filter(direction="outgoing", kind="stop")
+    assert stop.status == "pending", "the other side must learn the twin is stopped"
+
+
+def test_it_tells_the_other_side_when_the_incoming_rules_stop_a_twin(red):
+    use_rules(red.connection, incoming='helpers.stop_sync("not ours")\n')
+    red.send(red.update(summary="Stop me"))
+    work()
+    twin = red.twin()
+    assert (twin.state, twin.blocked_reason) == ("stopped", "not ours")
+    assert twin.events.filter(direction="outgoing", kind="stop").count() == 1
+
+
+def test_it_closes_its_unacknowledged_updates_when_the_other_side_stops(red):
+    key = first_sync(red)
+    actions.update_issue(Issue.objects.get(key=key), {"summary": "Changed here"})
+    flow.sync_entity(red.connection, key)
+    update = red.twin().events.get(direction="outgoing", kind="update")
+    SyncEvent.objects.filter(pk=update.pk).update(status="sent")
+    red.send(red.stop())
+    work()
+    update.refresh_from_db()
+    assert update.status == "done"
+    assert red.twin().state == "stopped"
+
+
+def test_it_keeps_a_stopped_twin_stopped_on_resolve_and_retry(red):
+    first_sync(red)
+    flow.stop_twin(red.twin(), tell_remote=False)
+    flow.resolve_and_retry(red.twin())
+    assert red.twin().state == "stopped"

@@ -33,6 +33,9 @@ SETTINGS_VARIABLES = (
     "REDIS_URL",
     "SECRET_KEY",
     "SECRET_KEY_FILE",
+    "SYNC_POLL_SECONDS",
+    "SYNC_RETENTION_DAYS",
+    "WEBHOOK_SECRET",
 )
 
 
@@ -57,7 +60,8 @@ def settings_in_subprocess(data_dir: Path, **variables: str) -> dict:
         "'DATA_UPLOAD_MAX_MEMORY_SIZE': s.DATA_UPLOAD_MAX_MEMORY_SIZE,"
         "'TRACKER_MAX_ATTACHMENT_BYTES': s.TRACKER_MAX_ATTACHMENT_BYTES,"
         "'SECRET_KEY': s.SECRET_KEY, 'ENCRYPTION_KEY': s.ENCRYPTION_KEY, 'DATA_DIR': str(s.DATA_DIR),"
-        "'SESSION_COOKIE_SECURE': s.SESSION_COOKIE_SECURE}))"
+        "'SESSION_COOKIE_SECURE': s.SESSION_COOKIE_SECURE, 'SYNC_POLL_SECONDS': s.SYNC_POLL_SECONDS,"
+        "'SYNC_RETENTION_DAYS': s.SYNC_RETENTION_DAYS, 'WEBHOOK_SECRET': s.WEBHOOK_SECRET}))"
     )
     result = manage(data_dir, "shell", "-c", code, **variables)
     assert result.returncode == 0, result.stderr
@@ -284,6 +288,9 @@ def test_it_reads_every_variable(tmp_path):
         MAX_REQUEST_BYTES="4096",
         MAX_ATTACHMENT_BYTES="1000",
         Q_WORKERS="3",
+        SYNC_POLL_SECONDS="5",
+        SYNC_RETENTION_DAYS="30",
+        WEBHOOK_SECRET=" hook ",
     )
     assert values["DEBUG"] is True
     # The node's own public host is always allowed.
@@ -301,6 +308,8 @@ def test_it_reads_every_variable(tmp_path):
     assert values["LOG_LEVEL"] == "WARNING"
     assert values["DATA_UPLOAD_MAX_MEMORY_SIZE"] == 4096
     assert values["TRACKER_MAX_ATTACHMENT_BYTES"] == 1000
+    assert (values["SYNC_POLL_SECONDS"], values["SYNC_RETENTION_DAYS"]) == (5, 30)
+    assert values["WEBHOOK_SECRET"] == "hook"
     assert not (tmp_path / "secret_key").exists()
     assert not (tmp_path / "encryption_key").exists()
 
@@ -319,6 +328,8 @@ def test_it_reads_every_variable(tmp_path):
         ("LOG_LEVEL", "LOUD"),
         ("MAX_REQUEST_BYTES", "lots"),
         ("Q_WORKERS", "0"),
+        ("SYNC_POLL_SECONDS", "0"),
+        ("SYNC_RETENTION_DAYS", "a week"),
     ],
 )
 def test_it_stops_start_up_with_one_line_naming_the_variable(tmp_path, name, value):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,8 +136,10 @@ class Command(BaseCommand):
         self.stop_leftover(node)
         node.manage("migrate", "--noinput", "-v0")
         node.manage("collectstatic", "--noinput", "-v0")
-        node.manage("demo_setup", "--quiet")
-        node.password = os.environ.get("ADMIN_PASSWORD") or (node.data_dir / "admin-password").read_text().strip()
+        login = node.manage("demo_setup")
+        # demo_setup knows the password (kept, or from ADMIN_PASSWORD), or that it was changed since.
+        found = re.search(r"^Login: admin / (\S+)$", login, re.MULTILINE)
+        node.password = found[1] if found else "(changed after setup; see manage.py demo_setup --reset-password)"
         node.token = node.manage("drf_create_token", "admin").split()[2]
         node.session.headers["Authorization"] = f"Token {node.token}"
 

@@ -41,13 +41,15 @@ class Command(BaseCommand):
             str(web_workers),
             "--threads",
             str(threads),
-            "--access-logfile",
-            "-",
             "--graceful-timeout",
-            "10",
+            "5",
             "--timeout",
             "60",
+            # gunicorn's control socket sits at one path per user, so two nodes would clash on it.
+            "--no-control-socket",
         ]
+        if access_log:
+            web += ["--access-logfile", "-"]
         queue = [sys.executable, str(settings.BASE_DIR / "manage.py"), "qcluster"]
         children = [subprocess.Popen(web, cwd=base), subprocess.Popen(queue, cwd=base)]
         stopping = False
