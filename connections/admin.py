@@ -7,16 +7,20 @@ them and adds no write path of its own.
 
 from __future__ import annotations
 
+from functools import partial
+
 from django import forms
 from django.contrib import admin, messages
 from django.db import models
-from django.urls import reverse
+from django.http import HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils.html import format_html
-from rest_framework import serializers
 
 from connections import lifecycle, rules
-from connections.api import TriggerSerializer
+from connections.forms import clean_trigger_query
 from connections.models import Connection, RulesVersion, Trigger
+from syncqueue import admin_views
+from syncqueue.admin_views import TestRunFields, error_message, script_field, script_widget
 
 
 def is_staff(request) -> bool:
@@ -53,11 +57,7 @@ class TriggerForm(forms.ModelForm):
         widgets = {"query": forms.TextInput(attrs={"size": 60})}
 
     def clean_query(self) -> str:
-        # The API's check: a query the tracker cannot read would never match anything.
-        try:
-            return TriggerSerializer().validate_query(self.cleaned_data["query"])
-        except serializers.ValidationError as e:
-            raise forms.ValidationError([str(m) for m in e.detail]) from None
+        return clean_trigger_query(self.cleaned_data["query"])
 
 
 class TriggerInline(StaffViewsAdminChanges, admin.TabularInline):
@@ -79,6 +79,7 @@ class ConnectionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
         "status_detail",
         "secret_state",
         "rules_version",
+        "rules_history",
         "remote_name",
         "remote_node_id",
         "is_initiator",
@@ -108,6 +109,11 @@ class ConnectionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
             reverse("admin:connections_rulesversion_change", args=[connection.active_rules_id]),
             connection.active_rules.number,
         )
+
+    @admin.display(description="rules history")
+    def rules_history(self, connection: Connection) -> str:
+        url = reverse("admin:connections_rulesversion_changelist")
+        return format_html('<a href="{}?connection__id__exact={}">All versions of the rules</a>', url, connection.pk)
 
     @admin.display(description="shared secret")
     def secret_state(self, connection: Connection) -> str:
@@ -140,16 +146,9 @@ class ConnectionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
         return deleted, counts, set(), protected
 
 
-def script_field() -> forms.CharField:
-    # Scripts are kept byte for byte: leading indentation and trailing lines matter to Python.
-    return forms.CharField(
-        required=False,
-        strip=False,
-        widget=forms.Textarea(attrs={"rows": 18, "class": "vLargeTextField", "spellcheck": "false"}),
-    )
+class NewRulesForm(TestRunFields, forms.ModelForm):
+    """New rules; the Test Run fields ride along so the "Test Run" button can send the draft."""
 
-
-class NewRulesForm(forms.ModelForm):
     outgoing = script_field()
     incoming = script_field()
     activate = forms.BooleanField(required=False, initial=True, help_text="Make this version the active rules now.")
@@ -161,19 +160,34 @@ class NewRulesForm(forms.ModelForm):
     def clean(self):
         cleaned = super().clean()
         for error in rules.check(cleaned.get("outgoing", ""), cleaned.get("incoming", "")):
-            self.add_error(error.script, str(error))
+            self.add_error(error.script, error_message(error, cleaned.get(error.script, "")))
         return cleaned
 
 
 @admin.register(RulesVersion)
 class RulesVersionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
-    """A version is immutable: "add" saves new rules as the next version; rollback activates an old one."""
+    """A version is immutable: "add" saves new rules as the next version; rollback activates an old one.
+
+    Its own pages (``syncqueue.admin_views``): Test Run of a draft, compare two versions, activate one.
+    """
 
     form = NewRulesForm
     list_display = ("connection", "number", "author", "created", "comment", "is_active")
+    list_display_links = ("connection", "number")
     list_filter = ("connection",)
     list_select_related = ("connection", "author")
-    actions = ["activate_version"]
+    actions = ["activate_version", "compare_versions"]
+    add_fieldsets = (
+        (None, {"fields": ("connection", "outgoing", "incoming", "comment", "activate")}),
+        (
+            "Test Run",
+            {
+                "fields": ("keys", "twin", "replica"),
+                "description": "Try the rules in the editors on real issues and replicas before saving them, "
+                "with the Test Run button below. Nothing is written.",
+            },
+        ),
+    )
     view_fields = (
         "connection",
         "number",
@@ -195,8 +209,21 @@ class RulesVersionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
     def has_activate_permission(self, request) -> bool:
         return is_admin(request)
 
-    def get_fields(self, request, obj=None):
-        return self.view_fields if obj is not None else ("connection", "outgoing", "incoming", "comment", "activate")
+    def get_urls(self):
+        def view(function):
+            return self.admin_site.admin_view(partial(function, self))
+
+        return [
+            path("testrun/", view(admin_views.test_run_view), name="connections_rulesversion_testrun"),
+            path("compare/", view(admin_views.compare_view), name="connections_rulesversion_compare"),
+            path(
+                "<path:object_id>/activate/", view(admin_views.activate_view), name="connections_rulesversion_activate"
+            ),
+            *super().get_urls(),
+        ]
+
+    def get_fieldsets(self, request, obj=None):
+        return [(None, {"fields": self.view_fields})] if obj is not None else self.add_fieldsets
 
     def get_readonly_fields(self, request, obj=None):
         return self.view_fields if obj is not None else ()
@@ -213,6 +240,18 @@ class RulesVersionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
         if base is not None:
             initial.update(connection=base.connection_id, outgoing=base.outgoing, incoming=base.incoming)
         return initial
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            # The scripts of a saved version show in read-only editors, which need the editor's files.
+            context["media"] += script_widget(readonly=True).media
+            active = obj.connection.active_rules
+            context.update(
+                version_is_active=active is not None and active.pk == obj.pk,
+                can_activate=self.has_activate_permission(request),
+                compare_with_active_url=admin_views.compare_url(obj, active) if active is not None else "",
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def save_model(self, request, obj, form, change) -> None:
         version = rules.save_rules(
@@ -232,16 +271,21 @@ class RulesVersionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
 
     @admin.display(description="outgoing")
     def outgoing_script(self, version: RulesVersion) -> str:
-        return format_html("<pre>{}</pre>", version.outgoing)
+        return script_widget(readonly=True).render("view_outgoing", version.outgoing)
 
     @admin.display(description="incoming")
     def incoming_script(self, version: RulesVersion) -> str:
-        return format_html("<pre>{}</pre>", version.incoming)
+        return script_widget(readonly=True).render("view_incoming", version.incoming)
 
     @admin.display(description="edit")
     def new_version(self, version: RulesVersion) -> str:
-        url = reverse("admin:connections_rulesversion_add")
-        return format_html('<a href="{}?from={}">Start a new version from this one</a>', url, version.pk)
+        return format_html(
+            '<a href="{}?from={}">Start a new version from this one</a> · <a href="{}?from={}">Test Run it</a>',
+            reverse("admin:connections_rulesversion_add"),
+            version.pk,
+            reverse("admin:connections_rulesversion_testrun"),
+            version.pk,
+        )
 
     @admin.action(description="Activate this version (rollback)", permissions=["activate"])
     def activate_version(self, request, queryset) -> None:
@@ -251,3 +295,11 @@ class RulesVersionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
             return
         rules.activate(versions[0])
         self.message_user(request, f"{versions[0]} is now active.", messages.SUCCESS)
+
+    @admin.action(description="Compare the two selected versions", permissions=["view"])
+    def compare_versions(self, request, queryset):
+        versions = sorted(queryset[:3], key=lambda v: (v.connection_id, v.number))
+        if len(versions) != 2:
+            self.message_user(request, "Select exactly two versions to compare.", messages.ERROR)
+            return None
+        return HttpResponseRedirect(admin_views.compare_url(*versions))

@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "django_q",
+    "django_ace",
     "trackers.apps.TrackersConfig",
     "trackers.builtin.apps.BuiltinTrackerConfig",
     "connections.apps.ConnectionsConfig",

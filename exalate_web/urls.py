@@ -1,7 +1,7 @@
+from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
-from django.views.generic import RedirectView
 
 from connections import api as connections_api
 from exalate_web import views
@@ -41,15 +41,21 @@ api_v1 = [
 ]
 
 urlpatterns = [
-    path("", RedirectView.as_view(pattern_name="builtin:issue-list", permanent=False), name="home"),
+    path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("issues/", include("trackers.builtin.urls")),
+    path("connections/", include("connections.urls")),
     path("sync/", include("syncqueue.urls")),
 ]
+
+# The admin names the node it belongs to: with two nodes open side by side, that matters.
+admin.site.site_header = f"{settings.NODE_NAME} administration"
+admin.site.site_title = f"{settings.NODE_NAME} admin"
+admin.site.site_url = "/"
 
 handler400 = views.bad_request
 handler403 = views.permission_denied

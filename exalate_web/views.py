@@ -1,13 +1,58 @@
-"""Project-wide views: the health check and error pages that answer JSON under /api/."""
+"""Project-wide views: the home page, the health check and error pages that answer JSON under /api/."""
 
 from __future__ import annotations
 
+from django.contrib.auth.decorators import login_required
 from django.db import DatabaseError, connection
-from django.http import HttpResponse, JsonResponse
+from django.db.models import Count, Max, Q
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_safe
 
+from connections.models import Connection, Node
 from exalate_web.api import error_body, wants_json
+from syncqueue.models import SyncEvent, Twin
+
+# Events still on their way: not yet applied on both sides, and not failed.
+UNFINISHED = (
+    SyncEvent.Status.PENDING,
+    SyncEvent.Status.SENDING,
+    SyncEvent.Status.SENT,
+    SyncEvent.Status.PROCESSING,
+)
+
+
+def _queue_health() -> dict[int, dict]:
+    """Per connection id: pending and failed events, blocked twins, last sync. Two queries, whatever the size."""
+    health: dict[int, dict] = {}
+    events = SyncEvent.objects.values("connection_id").annotate(
+        pending=Count("id", filter=Q(status__in=UNFINISHED)),
+        failing=Count("id", filter=Q(status=SyncEvent.Status.FAILED)),
+    )
+    for row in events.order_by():
+        health.setdefault(row["connection_id"], {}).update(pending=row["pending"], failing=row["failing"])
+    twins = Twin.objects.values("connection_id").annotate(
+        blocked=Count("id", filter=Q(state=Twin.State.BLOCKED)), last_synced=Max("last_synced")
+    )
+    for row in twins.order_by():
+        health.setdefault(row["connection_id"], {}).update(blocked=row["blocked"], last_synced=row["last_synced"])
+    return health
+
+
+@login_required
+@require_safe
+def home(request: HttpRequest) -> HttpResponse:
+    """This node at a glance: who it syncs with and how the queue is doing (connections are for staff)."""
+    context = {"node": Node.local(), "connections": None}
+    if request.user.is_staff:
+        health = _queue_health()
+        connections = list(Connection.objects.select_related("active_rules").order_by("name", "id"))
+        empty = {"pending": 0, "failing": 0, "blocked": 0, "last_synced": None}
+        for item in connections:
+            item.health = {**empty, **health.get(item.pk, {})}
+        context["connections"] = connections
+    return render(request, "home.html", context)
 
 
 @never_cache

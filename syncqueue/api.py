@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.db.models import Count
 from rest_framework import generics, serializers, status
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
@@ -10,7 +9,7 @@ from rest_framework.views import APIView
 
 from connections.api import StaffReadsAdminWrites, StrictSerializer
 from connections.models import Connection, Trigger
-from syncqueue import flow, triggers
+from syncqueue import flow, monitor, triggers
 from syncqueue.models import SyncEvent, Twin
 from trackers.base import NotFound, TrackerError
 
@@ -139,20 +138,22 @@ class QueueStats(APIView):
     permission_classes = [StaffReadsAdminWrites]
 
     def get(self, request):
-        rows = SyncEvent.objects.values("connection_id", "direction", "status").annotate(n=Count("id"))
-        connections = {c.pk: c for c in Connection.objects.all()}
-        stats: dict[int, dict] = {
-            pk: {"connection": pk, "name": c.name, "status": c.status, "outgoing": {}, "incoming": {}}
-            for pk, c in connections.items()
-        }
-        for row in rows:
-            stats[row["connection_id"]][row["direction"]][row["status"]] = row["n"]
-        blocked = Twin.objects.filter(state=Twin.State.BLOCKED).values("connection_id").annotate(n=Count("id"))
-        for row in blocked:
-            stats[row["connection_id"]]["blocked_twins"] = row["n"]
-        for entry in stats.values():
-            entry.setdefault("blocked_twins", 0)
-        return Response({"connections": list(stats.values())})
+        counts = monitor.queue_counts(Connection.objects.order_by("id"))
+        return Response(
+            {
+                "connections": [
+                    {
+                        "connection": c.connection.pk,
+                        "name": c.connection.name,
+                        "status": c.connection.status,
+                        "outgoing": c.by_direction.get("outgoing", {}),
+                        "incoming": c.by_direction.get("incoming", {}),
+                        "blocked_twins": c.blocked,
+                    }
+                    for c in counts
+                ]
+            }
+        )
 
 
 class TwinAction(APIView):

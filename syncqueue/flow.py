@@ -421,6 +421,11 @@ def record_failure(event: SyncEvent, error: Exception) -> None:
     attempts = event.attempts + 1
     line = getattr(error, "line", None)
     message = str(error) or type(error).__name__
+    # Which rules failed: an incoming event records it here, as it never finished.
+    rules_id = (
+        event.rules_version_id
+        or Connection.objects.filter(pk=event.connection_id).values_list("active_rules_id", flat=True).first()
+    )
     with transaction.atomic():
         if permanent or attempts >= MAX_ATTEMPTS:
             SyncEvent.objects.filter(pk=event.pk).update(
@@ -428,6 +433,7 @@ def record_failure(event: SyncEvent, error: Exception) -> None:
                 attempts=attempts,
                 error=message,
                 error_line=line,
+                rules_version_id=rules_id,
                 lease_owner="",
                 lease_expires=None,
                 finished=timezone.now(),

@@ -233,3 +233,95 @@ def test_lists_do_not_query_per_row(as_alice, connection, django_assert_max_num_
     for url in (CL, RV, TW, EV):
         with django_assert_max_num_queries(12):
             assert as_alice.get(url).status_code == 200
+
+
+# --- the rule editor -------------------------------------------------------------------------
+
+
+def test_it_edits_scripts_in_the_ace_editor(as_alice, connection):
+    page = as_alice.get(f"{RV}add/?connection={connection.pk}").content.decode()
+    assert page.count('class="django-ace-widget loading"') == 2
+    assert 'data-mode="python"' in page and 'data-theme="chrome"' in page and 'data-showgutter="true"' in page
+    assert "/static/django_ace/ace/ace.js" in page and "/static/django_ace/widget.js" in page
+    for asset in ("django_ace/ace/ace.js", "django_ace/widget.js", "django_ace/ace/mode-python.js"):
+        r = as_alice.get(f"/static/{asset}")
+        assert r.status_code == 200, asset
+        r.close()
+
+
+def test_it_shows_a_saved_version_in_a_read_only_editor(as_bob, connection):
+    page = as_bob.get(f"{RV}{connection.active_rules_id}/change/").content.decode()
+    assert page.count('data-readonly="true"') == 2 and "helpers.merge_comments()" in page
+    assert "/static/django_ace/ace/ace.js" in page
+    assert "Activate this version" not in page  # active already, and bob may not
+
+
+def test_it_names_the_line_and_its_text_of_a_script_error(as_alice, connection):
+    data = {"connection": connection.pk, "outgoing": "", "incoming": "x = 1\n\n  y = 2\n", "comment": ""}
+    page = as_alice.post(f"{RV}add/", data).content.decode()
+    assert "incoming rules, line 3: " in page and "(line 3 reads: y = 2)" in page
+
+
+def test_it_lists_the_versions_of_one_connection(as_bob, connection, alice):
+    rules.save_rules(connection, "", "", author=alice, comment="Only <summary>", activate=False)
+    other = Connection.objects.create(name="Green", status="active")
+    rules.save_rules(other, "", "", comment="Green's own")
+    page = as_bob.get(f"{RV}?connection__id__exact={connection.pk}").content.decode()
+    assert "Only &lt;summary&gt;" in page and "Default rules" in page and "Green&#x27;s own" not in page
+    assert "alice" in page and page.count('alt="True"') == 1
+    assert f"{RV}testrun/?connection={connection.pk}" in page and f"{RV}compare/" in page
+    assert f"{RV}?connection__id__exact={connection.pk}" in as_bob.get(f"{CL}{connection.pk}/change/").content.decode()
+
+
+def test_it_compares_two_versions_escaped(as_bob, connection):
+    v1 = connection.active_rules
+    outgoing = v1.outgoing.replace(
+        "replica.labels = issue.labels\n", "replica.labels = ['<script>alert(1)</script>']\n"
+    )
+    v2 = rules.save_rules(connection, outgoing, v1.incoming + "issue.type = 'Bug'\n", activate=False)
+    page = act(as_bob, RV, "compare_versions", v2.pk, v1.pk).content.decode()
+    assert "<script>alert(1)" not in page
+    assert "replica.labels = [&#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27;]" in page
+    outgoing_diff = page[page.index('id="diff-outgoing"') : page.index('id="diff-incoming"')]
+    assert outgoing_diff.index('class="removed"') < outgoing_diff.index("replica.labels = issue.labels")
+    assert outgoing_diff.index("replica.labels = issue.labels") < outgoing_diff.index('class="added"')
+    incoming_diff = page[page.index('id="diff-incoming"') :]
+    assert 'class="removed"' not in incoming_diff and "issue.type = &#x27;Bug&#x27;" in incoming_diff
+    assert as_bob.get(f"{RV}compare/?old={v1.pk}&new={v1.pk}").content.decode().count("No difference.") == 2
+    assert "exactly two" in act(as_bob, RV, "compare_versions", v1.pk).content.decode()
+    assert as_bob.get(f"{RV}compare/").status_code == 200
+
+
+def test_it_rolls_back_with_the_button_on_the_version_page(as_alice, connection):
+    v1 = connection.active_rules
+    rules.save_rules(connection, "", "")
+    page = as_alice.get(f"{RV}{v1.pk}/change/").content.decode()
+    assert f'formaction="{RV}{v1.pk}/activate/"' in page and "Compare with the active version" in page
+    assert as_alice.get(f"{RV}{v1.pk}/activate/").status_code == 405
+    r = as_alice.post(f"{RV}{v1.pk}/activate/", follow=True)
+    assert "is now active" in r.content.decode()
+    connection.refresh_from_db()
+    assert connection.active_rules == v1
+
+
+def test_staff_compare_and_test_run_but_do_not_activate(as_bob, connection):
+    v1 = connection.active_rules
+    v2 = rules.save_rules(connection, "", "")
+    page = as_bob.get(f"{RV}{v1.pk}/change/").content.decode()
+    assert "Activate this version" not in page and "Compare with the active version" in page
+    assert as_bob.post(f"{RV}{v1.pk}/activate/").status_code == 403
+    act(as_bob, RV, "activate_version", v1.pk)
+    connection.refresh_from_db()
+    assert connection.active_rules == v2
+    assert as_bob.get(f"{RV}compare/?old={v1.pk}&new={v2.pk}").status_code == 200
+    assert as_bob.get(f"{RV}testrun/").status_code == 200
+
+
+def test_plain_users_reach_no_rule_editor_page(client, charlie, connection):
+    client.force_login(charlie)
+    v1 = connection.active_rules
+    for url in (f"{RV}testrun/", f"{RV}compare/", f"{RV}{v1.pk}/change/"):
+        assert client.get(url).status_code == 302, url
+    assert client.post(f"{RV}{v1.pk}/activate/").status_code == 302
+    connection.refresh_from_db()
+    assert connection.active_rules == v1

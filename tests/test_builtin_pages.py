@@ -73,13 +73,13 @@ def test_it_sends_anonymous_users_to_the_login_page(client, issue, method, name,
     assert issue.comments.count() == 0
 
 
-def test_it_logs_in_and_lands_on_the_issue_list(client, alice, settings):
+def test_it_logs_in_and_lands_on_the_home_page(client, alice, settings):
     settings.NODE_NAME = "Blue node"
     page = client.get(reverse("login"))
     assert page.status_code == 200
     assert b"Blue node" in page.content
     response = client.post(reverse("login"), {"username": "alice", "password": "password-alice"}, follow=True)
-    assert response.redirect_chain[-1][0] == LIST
+    assert response.redirect_chain[-1][0] == reverse("home")
     assert b"Log out" in response.content
 
 

@@ -406,3 +406,12 @@ def test_it_keeps_a_stopped_twin_stopped_on_resolve_and_retry(red):
     flow.stop_twin(red.twin(), tell_remote=False)
     flow.resolve_and_retry(red.twin())
     assert red.twin().state == "stopped"
+
+
+def test_it_records_which_rules_version_failed(red):
+    use_rules(red.connection, incoming="helpers.debug(1 / 0)\n")
+    red.send(red.update(summary="boom"))
+    work()
+    [failed] = events(red.twin())
+    assert failed.status == "failed"
+    assert failed.rules_version == red.connection.rules_versions.get(number=2)

@@ -1,0 +1,189 @@
+"""The connection setup pages: list, invite, accept a code, a connection's page and its buttons.
+
+Staff may look; only admins (superusers) change anything, as in the REST API. Every write
+goes through ``handshake``, ``lifecycle`` or the API's trigger validation.
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
+
+from connections import handshake, lifecycle
+from connections.access import admins_only, is_admin, staff_only
+from connections.forms import AcceptForm, InvitationForm, TriggerForm
+from connections.models import Connection, Invitation, Trigger
+from trackers.base import TrackerError
+from trackers.builtin.models import Project
+
+require_form_methods = require_http_methods(["GET", "HEAD", "POST"])
+
+
+def _session_key(connection: Connection) -> str:
+    return f"connections.invitation.{connection.pk}"
+
+
+def _to_detail(connection: Connection) -> HttpResponse:
+    return redirect("connections:detail", pk=connection.pk)
+
+
+# --- list and detail -------------------------------------------------------------------------
+
+
+@staff_only
+@require_safe
+def connection_list(request: HttpRequest) -> HttpResponse:
+    connections = Connection.objects.select_related("active_rules").order_by("name", "id")
+    return render(request, "connections/list.html", {"connections": connections, "can_change": is_admin(request.user)})
+
+
+def _render_detail(request: HttpRequest, connection: Connection, trigger_form: TriggerForm | None = None):
+    context = {
+        "connection": connection,
+        "triggers": connection.triggers.order_by("id"),
+        "trigger_form": trigger_form or TriggerForm(),
+        "can_change": is_admin(request.user),
+        "rules_url": reverse("admin:connections_rulesversion_changelist") + f"?connection__id__exact={connection.pk}",
+    }
+    return render(request, "connections/detail.html", context)
+
+
+@staff_only
+@require_safe
+def connection_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    return _render_detail(request, get_object_or_404(Connection.objects.select_related("active_rules"), pk=pk))
+
+
+@staff_only
+@require_safe
+@never_cache
+def connection_status(request: HttpRequest, pk: int) -> JsonResponse:
+    """What the invitation page polls to learn that the other side accepted."""
+    connection = get_object_or_404(Connection, pk=pk)
+    return JsonResponse(
+        {
+            "status": connection.status,
+            "status_display": connection.get_status_display(),
+            "status_detail": connection.status_detail,
+            "remote_name": connection.remote_name,
+            "detail_url": reverse("connections:detail", args=[connection.pk]),
+        }
+    )
+
+
+# --- pairing -----------------------------------------------------------------------------------
+
+
+@admins_only
+@require_form_methods
+def connection_new(request: HttpRequest) -> HttpResponse:
+    form = InvitationForm(request.POST if request.method == "POST" else None)
+    if form.is_bound and form.is_valid():
+        try:
+            connection, code, _expires = handshake.create_invitation(
+                form.cleaned_data["name"],
+                project=form.cleaned_data["project"],
+                author=request.user,
+                hours=form.cleaned_data["hours_valid"],
+            )
+        except handshake.HandshakeError as e:
+            form.add_error(None, e.message)
+        else:
+            # The code is shown once, to its maker: the node keeps only its encrypted parts.
+            request.session[_session_key(connection)] = {
+                "code": code,
+                "not_reachable": form.cleaned_data["not_reachable"],
+            }
+            return redirect("connections:invitation", pk=connection.pk)
+    return render(request, "connections/new.html", {"form": form, "has_projects": Project.objects.exists()})
+
+
+@admins_only
+@require_safe
+def connection_invitation(request: HttpRequest, pk: int) -> HttpResponse:
+    connection = get_object_or_404(Connection, pk=pk, is_initiator=True)
+    invitation = Invitation.objects.filter(connection=connection).order_by("-created").first()
+    shown = request.session.get(_session_key(connection)) or {}
+    if connection.status != Connection.Status.PENDING:
+        # Used: the code is no use to anyone any more, so it leaves the session.
+        request.session.pop(_session_key(connection), None)
+    context = {
+        "connection": connection,
+        "invitation": invitation,
+        "code": shown.get("code", "") if connection.status == Connection.Status.PENDING else "",
+        "not_reachable": shown.get("not_reachable", False),
+    }
+    return render(request, "connections/invitation.html", context)
+
+
+@admins_only
+@require_form_methods
+def connection_accept(request: HttpRequest) -> HttpResponse:
+    form = AcceptForm(request.POST if request.method == "POST" else None)
+    if form.is_bound and form.is_valid():
+        try:
+            connection = handshake.accept_invitation(
+                form.cleaned_data["code"],
+                name=form.cleaned_data["name"],
+                project=form.cleaned_data["project"],
+                author=request.user,
+            )
+        except handshake.HandshakeError as e:
+            # 502: the other node did not answer or refused; anything else is about the code itself.
+            form.add_error(None if e.status == 502 else "code", e.message)
+        else:
+            messages.success(request, f"Connected to {connection.remote_name}. The connection is active.")
+            return _to_detail(connection)
+    return render(request, "connections/accept.html", {"form": form, "has_projects": Project.objects.exists()})
+
+
+# --- buttons on a connection's page ------------------------------------------------------------
+
+
+@admins_only
+@require_POST
+def set_active(request: HttpRequest, pk: int, active: bool) -> HttpResponse:
+    connection = get_object_or_404(Connection, pk=pk)
+    try:
+        lifecycle.set_active(connection, active)
+    except lifecycle.LifecycleError as e:
+        messages.error(request, f"Could not change {connection.name}: {e}.")
+    else:
+        if active:
+            messages.success(request, f"{connection.name} is active: changes flow both ways again.")
+        else:
+            messages.success(request, f"{connection.name} is deactivated; changes are kept until it is active again.")
+    return _to_detail(connection)
+
+
+@admins_only
+@require_POST
+def trigger_add(request: HttpRequest, pk: int) -> HttpResponse:
+    connection = get_object_or_404(Connection.objects.select_related("active_rules"), pk=pk)
+    form = TriggerForm(request.POST)
+    if not form.is_valid():
+        return _render_detail(request, connection, trigger_form=form)
+    Trigger.objects.create(connection=connection, query=form.cleaned_data["query"])
+    messages.success(request, f"Trigger added: {form.cleaned_data['query']}")
+    return _to_detail(connection)
+
+
+@admins_only
+@require_POST
+def trigger_run(request: HttpRequest, pk: int) -> HttpResponse:
+    """ "Sync all matches now" for one trigger."""
+    # Imported here: the sync queue sits above connections, which must not depend on it at import time.
+    from syncqueue import flow, triggers
+
+    trigger = get_object_or_404(Trigger.objects.select_related("connection__active_rules"), pk=pk)
+    try:
+        queued = triggers.sync_all_matches(trigger)
+    except (flow.SyncRefused, TrackerError) as e:
+        messages.error(request, f"Could not sync the matches of {trigger.query}: {e}.")
+    else:
+        messages.success(request, f"{queued} issue{'s' if queued != 1 else ''} queued for {trigger.connection.name}.")
+    return _to_detail(trigger.connection)
