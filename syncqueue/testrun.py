@@ -190,7 +190,7 @@ def run_incoming(
         if waiting is not None and waiting.payload.get("replica"):
             replica, source = (
                 waiting.payload["replica"],
-                f"the {waiting.get_status_display().lower()} message #{waiting.seq} of twin {twin}",
+                f"{waiting.get_status_display().lower()} message #{waiting.seq} of twin {twin}",
             )
         elif twin.last_received is not None:
             replica, source = twin.last_received, f"last replica received by twin {twin}"

@@ -25,10 +25,12 @@ _local = threading.local()
 
 
 class RemoteError(Exception):
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, *, refused_us: bool = False):
         super().__init__(message)
         self.message = message
         self.permanent = permanent
+        # The remote no longer recognises this connection's signature: the pairing is broken.
+        self.refused_us = refused_us
 
 
 def _session() -> requests.Session:
@@ -53,9 +55,11 @@ def _request(connection: Connection, method: str, path: str, body: bytes = b"", 
     if response.status_code >= 500 or response.status_code in (408, 409, 425, 429, 503):
         raise RemoteError(f"the remote node answered HTTP {response.status_code}: {_error_text(response)}")
     if response.status_code >= 400:
+        refused_us = response.status_code in (401, 403)
         raise RemoteError(
             f"the remote node refused the request (HTTP {response.status_code}): {_error_text(response)}",
-            permanent=response.status_code not in (401, 403),
+            permanent=not refused_us,
+            refused_us=refused_us,
         )
     return response
 

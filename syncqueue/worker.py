@@ -178,7 +178,14 @@ def _sending_failed(connection: Connection, events: list[SyncEvent], error: tran
         error=str(error),
         next_attempt=timezone.now() + delay,
     )
-    Connection.objects.filter(pk=connection.pk).update(status_detail=str(error))
+    if error.refused_us:
+        # Retrying cannot help until an administrator looks (the other side removed or re-paired
+        # the connection); the events wait, and activating the connection again resumes them.
+        Connection.objects.filter(pk=connection.pk, status=Connection.Status.ACTIVE).update(
+            status=Connection.Status.ERROR, status_detail=str(error)
+        )
+    else:
+        Connection.objects.filter(pk=connection.pk).update(status_detail=str(error))
 
 
 def drain(budget_seconds: float = 50.0, owner: str | None = None) -> int:

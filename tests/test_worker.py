@@ -25,3 +25,24 @@ def test_it_kicks_the_workers_when_a_connection_is_activated_again(db, django_ca
     with mock.patch("syncqueue.tasks.kick") as kick, django_capture_on_commit_callbacks(execute=True):
         lifecycle.set_active(connection, True)
     kick.assert_called_once()
+
+
+def test_it_puts_a_connection_in_error_when_the_remote_no_longer_knows_it(project, alice):
+    from connections import lifecycle
+    from syncqueue import flow, transport
+    from syncqueue.models import SyncEvent
+    from tests.syncpair import connect_red
+    from trackers.builtin import actions
+
+    connection = connect_red()
+    issue = actions.create_issue(project, {"summary": "Refused"}, alice)
+    flow.sync_entity(connection, issue.key)
+    refusal = transport.RemoteError("the remote node refused the request (HTTP 401): bad signature", refused_us=True)
+    with mock.patch.object(transport, "post_messages", side_effect=refusal):
+        worker.send_outgoing("test-worker")
+    connection.refresh_from_db()
+    assert (connection.status, connection.status_detail) == ("error", str(refusal))
+    assert SyncEvent.objects.get(direction="outgoing").status == "pending", "nothing is lost"
+    lifecycle.set_active(connection, True)
+    connection.refresh_from_db()
+    assert connection.status == "active"
