@@ -63,12 +63,14 @@ class InvitationInput(StrictSerializer):
     name = serializers.CharField(max_length=100)
     project = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
     hours_valid = serializers.IntegerField(min_value=1, max_value=24 * 14, required=False, default=24)
+    rules_template = serializers.ChoiceField(choices=list(rules.TEMPLATES), required=False, default="default")
 
 
 class AcceptInput(StrictSerializer):
     code = serializers.CharField(max_length=4000)
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
     project = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
+    rules_template = serializers.ChoiceField(choices=list(rules.TEMPLATES), required=False, default="default")
 
 
 class ConnectionList(generics.ListAPIView):
@@ -99,6 +101,7 @@ class CreateInvitation(APIView):
                 project=data.validated_data["project"],
                 author=request.user,
                 hours=data.validated_data["hours_valid"],
+                template=data.validated_data["rules_template"],
             )
         except handshake.HandshakeError as e:
             return _handshake_error(e)
@@ -120,6 +123,7 @@ class AcceptInvitation(APIView):
                 name=data.validated_data["name"],
                 project=data.validated_data["project"],
                 author=request.user,
+                template=data.validated_data["rules_template"],
             )
         except handshake.HandshakeError as e:
             return _handshake_error(e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django import forms
 from rest_framework import serializers
 
+from connections import rules
 from connections.api import TriggerSerializer
 from trackers.builtin.models import Project
 
@@ -30,11 +31,21 @@ class InvitationForm(forms.Form):
     hours_valid = forms.IntegerField(
         label="Code valid for (hours)", min_value=1, max_value=24 * 14, initial=24, help_text="At most two weeks."
     )
+    rules_template = forms.ChoiceField(
+        label="Rules to start from",
+        choices=rules.template_choices,
+        initial="default",
+        required=False,
+        help_text="Each side keeps its own rules; edit them any time in the rule editor.",
+    )
     not_reachable = forms.BooleanField(
         label="This node is not reachable from the other node",
         required=False,
         help_text="For example behind a firewall or on a laptop.",
     )
+
+    def clean_rules_template(self) -> str:
+        return _template_or_default(self)
 
 
 class AcceptForm(forms.Form):
@@ -46,6 +57,20 @@ class AcceptForm(forms.Form):
     )
     name = forms.CharField(max_length=100, required=False, help_text="Leave empty to use the other node's own name.")
     project = ProjectChoiceField(label="Local project")
+    rules_template = forms.ChoiceField(
+        label="Rules to start from",
+        choices=rules.template_choices,
+        initial="default",
+        required=False,
+        help_text="Each side keeps its own rules; edit them any time in the rule editor.",
+    )
+
+    def clean_rules_template(self) -> str:
+        return _template_or_default(self)
+
+
+def _template_or_default(form: forms.Form) -> str:
+    return form.cleaned_data.get("rules_template") or "default"
 
 
 def clean_trigger_query(query: str) -> str:

@@ -127,13 +127,19 @@ def parse_code(code: str) -> InvitationCode:
 
 
 @transaction.atomic
-def create_invitation(name: str, *, project: str = "", author=None, hours: int = 24):
+def _check_template(template: str) -> None:
+    if template not in rules.TEMPLATES:
+        raise HandshakeError(f"Unknown rules template {template!r} (known: {', '.join(rules.TEMPLATES)}).")
+
+
+def create_invitation(name: str, *, project: str = "", author=None, hours: int = 24, template: str = "default"):
     """A pending connection and its code, valid for ``hours``. Returns (connection, code, expires)."""
+    _check_template(template)
     node = Node.local()
     if not node.url:
         raise HandshakeError("This node has no public URL (NODE_URL), so the other side cannot answer it.")
     connection = Connection.objects.create(name=name, project=project, is_initiator=True)
-    connection.active_rules = rules.install_defaults(connection, author)
+    connection.active_rules = rules.install_template(connection, template, author)
     key = X25519PrivateKey.generate()
     token = secrets.token_bytes(32)
     expires = timezone.now() + timedelta(hours=hours)
@@ -154,8 +160,11 @@ def create_invitation(name: str, *, project: str = "", author=None, hours: int =
     return connection, code, expires
 
 
-def accept_invitation(code: str, *, name: str = "", project: str = "", author=None) -> Connection:
+def accept_invitation(
+    code: str, *, name: str = "", project: str = "", author=None, template: str = "default"
+) -> Connection:
     """Complete the pairing from this side; returns the active connection."""
+    _check_template(template)
     invitation = parse_code(code)
     node = Node.local()
     if invitation.node_id == str(node.node_id):
@@ -191,7 +200,7 @@ def accept_invitation(code: str, *, name: str = "", project: str = "", author=No
             secret=secret,
             last_contact=timezone.now(),
         )
-        connection.active_rules = rules.install_defaults(connection, author)
+        connection.active_rules = rules.install_template(connection, template, author)
     return connection
 
 

@@ -39,6 +39,21 @@ helpers.merge_attachments()
 """
 
 
+# Fields only: the same mapping without comments and attachments.
+FIELDS_ONLY_OUTGOING = "".join(line + "\n" for line in DEFAULT_OUTGOING.splitlines() if "_to_send()" not in line)
+FIELDS_ONLY_INCOMING = "".join(line + "\n" for line in DEFAULT_INCOMING.splitlines() if "helpers.merge_" not in line)
+
+# The rules a new connection can start from: name -> (label, outgoing, incoming).
+TEMPLATES = {
+    "default": ("Everything: fields, comments and attachments", DEFAULT_OUTGOING, DEFAULT_INCOMING),
+    "fields": ("Fields only: no comments or attachments", FIELDS_ONLY_OUTGOING, FIELDS_ONLY_INCOMING),
+}
+
+
+def template_choices() -> list[tuple[str, str]]:
+    return [(name, label) for name, (label, _, _) in TEMPLATES.items()]
+
+
 class RulesError(Exception):
     def __init__(self, error: ScriptError):
         super().__init__(str(error))
@@ -73,5 +88,12 @@ def activate(version: RulesVersion) -> None:
     Connection.objects.filter(pk=version.connection_id).update(active_rules=version)
 
 
+def install_template(connection: Connection, name: str = "default", author=None) -> RulesVersion:
+    """The first rules of a new connection, from one of TEMPLATES."""
+    label, outgoing, incoming = TEMPLATES[name]
+    comment = "Default rules" if name == "default" else f"Template: {label}"
+    return save_rules(connection, outgoing, incoming, author=author, comment=comment)
+
+
 def install_defaults(connection: Connection, author=None) -> RulesVersion:
-    return save_rules(connection, DEFAULT_OUTGOING, DEFAULT_INCOMING, author=author, comment="Default rules")
+    return install_template(connection, "default", author)

@@ -89,6 +89,7 @@ def connection_new(request: HttpRequest) -> HttpResponse:
                 project=form.cleaned_data["project"],
                 author=request.user,
                 hours=form.cleaned_data["hours_valid"],
+                template=form.cleaned_data["rules_template"],
             )
         except handshake.HandshakeError as e:
             form.add_error(None, e.message)
@@ -131,6 +132,7 @@ def connection_accept(request: HttpRequest) -> HttpResponse:
                 name=form.cleaned_data["name"],
                 project=form.cleaned_data["project"],
                 author=request.user,
+                template=form.cleaned_data["rules_template"],
             )
         except handshake.HandshakeError as e:
             # 502: the other node did not answer or refused; anything else is about the code itself.

@@ -514,3 +514,26 @@ def test_it_shows_a_connection_without_queue_activity_as_quiet(connection, as_bo
         {"pending": 0, "failing": 0, "blocked": 0, "last_synced": None}
     ]
     assert "Not yet" in response.content.decode()
+
+
+def test_it_starts_a_connection_from_the_chosen_rules_template(client, alice, project):
+    client.force_login(alice)
+    response = client.post(
+        "/connections/new/", {"name": "Red", "project": "BLUE", "hours_valid": 24, "rules_template": "fields"}
+    )
+    assert response.status_code == 302
+    connection = Connection.objects.get()
+    assert "merge_comments" not in connection.active_rules.incoming
+    assert "comments_to_send" not in connection.active_rules.outgoing
+    assert "replica.summary = issue.summary" in connection.active_rules.outgoing
+    assert connection.active_rules.comment.startswith("Template: Fields only")
+
+
+def test_it_refuses_an_unknown_rules_template(client, alice, project):
+    client.force_login(alice)
+    response = client.post(
+        "/connections/new/", {"name": "Red", "project": "BLUE", "hours_valid": 24, "rules_template": "nope"}
+    )
+    assert response.status_code == 200
+    assert "rules_template" in response.context["form"].errors
+    assert not Connection.objects.exists()

@@ -500,3 +500,13 @@ def test_it_shows_a_twin_with_its_replicas_and_events(bob_api, db):
     assert body["last_received"] == {"key": "RED-1", "summary": "boom"}
     assert body["events"][0]["error_line"] == 3
     assert body["last_error"].startswith("incoming rules, line 3")
+
+
+def test_it_invites_with_a_chosen_rules_template_and_refuses_an_unknown_one(alice_api):
+    body = alice_api.post(
+        f"{API}/connections/invitations/", {"name": "Green", "rules_template": "fields"}, format="json"
+    ).json()
+    connection = Connection.objects.get(pk=body["connection"]["id"])
+    assert "merge_comments" not in connection.active_rules.incoming
+    refused = alice_api.post(f"{API}/connections/invitations/", {"name": "G", "rules_template": "x"}, format="json")
+    assert_error(refused, 400, "rules_template")
