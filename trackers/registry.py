@@ -10,6 +10,7 @@ from trackers.base import Tracker, TrackerError
 
 ADAPTERS = {
     "builtin": "trackers.builtin.adapter.BuiltinTracker",
+    "redmine": "trackers.redmine.adapter.RedmineTracker",
 }
 
 
