@@ -8,7 +8,9 @@ permanent error will not go away by retrying, a transient one might.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -169,3 +171,29 @@ def sha256_of(chunks: Iterator[bytes] | bytes) -> tuple[str, int]:
         digest.update(chunk)
         size += len(chunk)
     return digest.hexdigest(), size
+
+
+# --- helpers for adapters ----------------------------------------------------------------------
+
+
+def encode_cursor(**values: Any) -> str:
+    """An opaque page cursor holding ``values`` (JSON data)."""
+    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
+
+
+def decode_cursor(cursor: str, *names: str) -> dict[str, Any]:
+    """The values of a cursor made by ``encode_cursor`` with exactly these names; else a permanent error."""
+    try:
+        values = json.loads(base64.urlsafe_b64decode(str(cursor).encode()))
+        if not isinstance(values, dict) or set(values) != set(names):
+            raise ValueError
+        return values
+    except (ValueError, TypeError, UnicodeError):
+        raise TrackerError(f"invalid cursor {str(cursor)[:40]!r}", permanent=True) from None
+
+
+def check_limit(limit: Any, maximum: int | None = None) -> int:
+    """A page size: a positive whole number, capped at ``maximum``."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise TrackerError("limit must be a positive whole number", permanent=True)
+    return min(limit, maximum) if maximum else limit

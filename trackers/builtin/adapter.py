@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from io import BytesIO
@@ -16,7 +14,18 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Prefetch, Q, QuerySet
 from django.utils.dateparse import parse_datetime
 
-from trackers.base import Attachment, Comment, Entity, NotFound, Page, Person, TrackerError
+from trackers.base import (
+    Attachment,
+    Comment,
+    Entity,
+    NotFound,
+    Page,
+    Person,
+    TrackerError,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+)
 from trackers.builtin import actions, models, query
 
 # A write that commits late can carry an ``updated`` slightly older than a pass that has
@@ -51,26 +60,6 @@ def _translated(method):
             raise TrackerError(f"database unavailable: {e}", permanent=False) from e
 
     return wrapper
-
-
-def _encode_cursor(**values: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
-
-
-def _decode_cursor(cursor: str, *names: str) -> dict[str, Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not isinstance(values, dict) or set(values) != set(names):
-            raise ValueError
-        return values
-    except (ValueError, TypeError, UnicodeError):
-        raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True) from None
-
-
-def _limit(limit: int) -> int:
-    if not isinstance(limit, int) or limit < 1:
-        raise TrackerError("limit must be a positive whole number", permanent=True)
-    return min(limit, MAX_PAGE)
 
 
 def issue_queryset() -> QuerySet[models.Issue]:
@@ -171,12 +160,12 @@ class BuiltinTracker:
 
     @_translated
     def changed_since(self, since: datetime | None, *, cursor: str | None = None, limit: int = 100) -> Page:
-        limit = _limit(limit)
+        limit = check_limit(limit, MAX_PAGE)
         issues = issue_queryset().order_by("updated", "id")
         if since is not None:
             issues = issues.filter(updated__gte=since - CHANGE_OVERLAP)
         if cursor:
-            position = _decode_cursor(cursor, "updated", "id")
+            position = decode_cursor(cursor, "updated", "id")
             after = parse_datetime(str(position["updated"]))
             if after is None or not isinstance(position["id"], int):
                 raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True)
@@ -186,21 +175,21 @@ class BuiltinTracker:
         next_cursor = None
         if len(found) > limit:
             last = found[limit - 1]
-            next_cursor = _encode_cursor(updated=last.updated.isoformat(), id=last.pk)
+            next_cursor = encode_cursor(updated=last.updated.isoformat(), id=last.pk)
         return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
 
     @_translated
     def search(self, text: str, *, cursor: str | None = None, limit: int = 100) -> Page:
-        limit = _limit(limit)
+        limit = check_limit(limit, MAX_PAGE)
         issues = query.search(issue_queryset(), text).order_by("id")
         if cursor:
-            after = _decode_cursor(cursor, "id")["id"]
+            after = decode_cursor(cursor, "id")["id"]
             if not isinstance(after, int):
                 raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True)
             issues = issues.filter(id__gt=after)
         found = list(issues[: limit + 1])
         entities = tuple(to_entity(issue) for issue in found[:limit])
-        next_cursor = _encode_cursor(id=found[limit - 1].pk) if len(found) > limit else None
+        next_cursor = encode_cursor(id=found[limit - 1].pk) if len(found) > limit else None
         return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
 
     # --- writing -------------------------------------------------------------------------

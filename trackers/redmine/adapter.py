@@ -19,10 +19,8 @@ How Redmine's records map to entities, and where they cannot:
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -30,7 +28,18 @@ from io import BytesIO
 from typing import IO, Any
 from urllib.parse import parse_qsl
 
-from trackers.base import Attachment, Comment, Entity, NotFound, Page, Person, TrackerError
+from trackers.base import (
+    Attachment,
+    Comment,
+    Entity,
+    NotFound,
+    Page,
+    Person,
+    TrackerError,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+)
 from trackers.redmine.client import RedmineClient
 
 # Re-read this much before a watermark so that writes committed late are not missed.
@@ -87,26 +96,6 @@ def _issue_id(key: str) -> str:
     if not isinstance(key, str) or not key.isdigit():
         raise NotFound(f"no Redmine issue {key!r} (Redmine keys are issue numbers)")
     return key
-
-
-def _encode_cursor(**values: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode()
-
-
-def _decode_cursor(cursor: str, *names: str) -> dict[str, Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not isinstance(values, dict) or set(values) != set(names):
-            raise ValueError
-        return values
-    except (ValueError, TypeError, UnicodeError):
-        raise TrackerError(f"invalid cursor {str(cursor)[:40]!r}", permanent=True) from None
-
-
-def _limit(limit: int) -> int:
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise TrackerError("limit must be a positive whole number", permanent=True)
-    return limit
 
 
 def _guarded(method):
@@ -248,11 +237,11 @@ class RedmineTracker:
         An offset would skip an entity whenever an earlier one is updated during the pass
         and moves to the end of the list.
         """
-        limit = _limit(limit)
+        limit = check_limit(limit)
         seen: set[int] = set()
         after: datetime | None = None
         if cursor:
-            position = _decode_cursor(cursor, "after", "seen")
+            position = decode_cursor(cursor, "after", "seen")
             try:
                 after = _time(position["after"])
                 seen = {int(i) for i in position["seen"]}
@@ -288,7 +277,7 @@ class RedmineTracker:
             ids = {row["id"] for row in page if _time(row["updated_on"]) == last}
             if last == after:
                 ids |= seen
-            next_cursor = _encode_cursor(after=page[-1]["updated_on"], seen=sorted(ids))
+            next_cursor = encode_cursor(after=page[-1]["updated_on"], seen=sorted(ids))
         return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
 
     @_guarded
@@ -299,18 +288,18 @@ class RedmineTracker:
         included unless ``status_id`` says otherwise. Only the filters in SEARCH_FILTERS and
         ``cf_<id>`` are accepted.
         """
-        limit = _limit(limit)
+        limit = check_limit(limit)
         params = _search_params(query)
         offset = 0
         if cursor:
-            offset = _decode_cursor(cursor, "offset")["offset"]
+            offset = decode_cursor(cursor, "offset")["offset"]
             if not isinstance(offset, int) or offset < 0:
                 raise TrackerError(f"invalid cursor {cursor[:40]!r}", permanent=True)
         params = {"status_id": "*", **params, "sort": "id:asc"}
         rows, total = self._list(params, offset, limit)
         entities = tuple(self.get(str(row["id"])) for row in rows)
         following = offset + len(rows)
-        next_cursor = _encode_cursor(offset=following) if rows and following < total else None
+        next_cursor = encode_cursor(offset=following) if rows and following < total else None
         return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
 
     # --- writing -------------------------------------------------------------------------
