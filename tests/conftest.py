@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.test import Client
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -73,3 +74,25 @@ def bob_api(bob):
 @pytest.fixture
 def charlie_api(charlie):
     return _api_client(charlie)
+
+
+def _page_client(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def as_alice(alice):
+    """A browser session logged in as alice; each user gets their own, so one test can hold several."""
+    return _page_client(alice)
+
+
+@pytest.fixture
+def as_bob(bob):
+    return _page_client(bob)
+
+
+@pytest.fixture
+def as_charlie(charlie):
+    return _page_client(charlie)

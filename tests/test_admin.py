@@ -38,18 +38,6 @@ def blocked_twin(connection):
     return twin
 
 
-@pytest.fixture
-def as_alice(client, alice):
-    client.force_login(alice)
-    return client
-
-
-@pytest.fixture
-def as_bob(client, bob):
-    client.force_login(bob)
-    return client
-
-
 def act(client, url, action, *pks):
     return client.post(url, {"action": action, ACTION_CHECKBOX_NAME: [str(p) for p in pks]}, follow=True)
 

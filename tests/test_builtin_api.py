@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import timedelta
 
 import pytest
@@ -13,6 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from tests.helpers import assert_error
 from trackers.builtin import actions
 from trackers.builtin.models import Attachment, Comment, Issue, Label, Project
 from trackers.signals import entity_changed
@@ -34,18 +34,6 @@ def attachment_url(key: str, attachment_id: int) -> str:
 
 def upload(name: str = "notes.txt", content: bytes = b"hello world\n", content_type: str = "text/plain"):
     return SimpleUploadedFile(name, content, content_type=content_type)
-
-
-def assert_error(response, status: int, field: str | None = None, text: str = "") -> dict:
-    """The JSON error shape, with the field named and the message containing ``text``."""
-    assert response.status_code == status, response.content
-    assert response["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert isinstance(body["error"], str) and body["error"]
-    if field is not None:
-        assert field in body["fields"], body
-    assert text.lower() in json.dumps(body).lower(), body
-    return body
 
 
 @pytest.fixture

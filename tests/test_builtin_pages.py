@@ -34,18 +34,6 @@ def _messages(response) -> list[str]:
 
 
 @pytest.fixture
-def as_alice(client, alice):
-    client.force_login(alice)
-    return client
-
-
-@pytest.fixture
-def as_charlie(client, charlie):
-    client.force_login(charlie)
-    return client
-
-
-@pytest.fixture
 def issue(project, alice):
     return _issue(project, alice, description="First line\nsecond line", labels=["backend"])
 

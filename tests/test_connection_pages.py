@@ -40,21 +40,6 @@ def _client(user=None) -> Client:
 
 
 @pytest.fixture
-def as_alice(alice):
-    return _client(alice)
-
-
-@pytest.fixture
-def as_bob(bob):
-    return _client(bob)
-
-
-@pytest.fixture
-def as_charlie(charlie):
-    return _client(charlie)
-
-
-@pytest.fixture
 def connection(db, project):
     connection = Connection.objects.create(
         name="Red",

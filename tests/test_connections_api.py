@@ -17,22 +17,11 @@ from connections import handshake, rules
 from connections.models import Connection, Trigger
 from syncqueue import flow
 from syncqueue.models import SyncEvent, Twin
+from tests.helpers import assert_error
 from tests.test_handshake import RemoteInitiator
 from trackers.builtin import actions
 
 API = "/api/v1"
-
-
-def assert_error(response, status: int, field: str | None = None, text: str = "") -> dict:
-    """The JSON error shape: a one-line "error", and "fields" naming the bad field when there is one."""
-    assert response.status_code == status, response.content
-    assert response["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert isinstance(body["error"], str) and body["error"]
-    if field is not None:
-        assert field in body["fields"], body
-    assert text.lower() in json.dumps(body).lower(), body
-    return body
 
 
 @pytest.fixture

@@ -31,12 +31,6 @@ def red(project):
     return connect_red()
 
 
-@pytest.fixture
-def as_bob(client, bob):
-    client.force_login(bob)
-    return client
-
-
 def page_of(issue) -> str:
     return reverse("builtin:issue-detail", args=[issue.key])
 

@@ -34,12 +34,6 @@ def no_kick(monkeypatch):
 
 
 @pytest.fixture
-def as_bob(client, bob):
-    client.force_login(bob)
-    return client
-
-
-@pytest.fixture
 def red(project):
     return Red(connect_red())
 

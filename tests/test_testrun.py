@@ -262,12 +262,6 @@ def test_plain_users_cannot_test_run(client, charlie, red):
     assert client.post(TEST_RUN, form_data(red, keys="BLUE-1")).status_code == 302
 
 
-@pytest.fixture
-def as_alice(client, alice):
-    client.force_login(alice)
-    return client
-
-
 def test_it_replays_the_failed_message_of_a_twin_that_never_synced(red, issues):
     failing = Twin.objects.create(connection=red, remote_key="RED-9", state="blocked")
     SyncEvent.objects.create(
