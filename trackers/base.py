@@ -143,6 +143,12 @@ class Tracker(Protocol):
     def search(self, query: str, *, cursor: str | None = None, limit: int = 100) -> Page:
         """Entities matching a filter in the tracker's own query language."""
 
+    def matches(self, query: str, key: str) -> bool:
+        """Whether entity ``key`` matches ``query`` (as ``search`` reads it), without listing all matches.
+
+        Triggers ask this for every changed entity, so it must cost about one lookup.
+        """
+
     def create(self, project: str, fields: Mapping[str, Any]) -> Entity:
         """A new entity in ``project``; ``fields`` as in WRITABLE_FIELDS."""
 

@@ -192,6 +192,10 @@ class BuiltinTracker:
         next_cursor = encode_cursor(id=found[limit - 1].pk) if len(found) > limit else None
         return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
 
+    @_translated
+    def matches(self, text: str, key: str) -> bool:
+        return query.search(models.Issue.objects.filter(key=str(key).upper()), text).exists()
+
     # --- writing -------------------------------------------------------------------------
 
     def _actor(self):
