@@ -8,6 +8,7 @@ script's time limit never covers a slow tracker.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,11 @@ from connections.scripting import DebugLog, ScriptObject, StopSync, compile_scri
 from syncqueue.replica import entity_view, plain
 from trackers.base import Entity, Tracker, TrackerError
 
+# The last line of every comment the sync writes: the connection (the first 8 hex digits of
+# its uuid, which both sides share) and the remote comment's id. It lets the sync know its
+# own comments even without the twin's map, e.g. after a crash between writing a comment
+# and recording it, so a retry links it instead of adding it twice, and nothing echoes back.
+MARKER = re.compile(r"\n*\[sync ([0-9a-f]{8}):([\w.-]{1,40})\]\s*\Z")
 WRITABLE = ("summary", "description", "type", "status", "priority", "labels", "assignee", "custom_fields")
 
 
@@ -74,7 +80,8 @@ class IncomingPlan:
     create: bool
     project: str | None
     fields: dict[str, Any]
-    # ("add", remote_id, body) | ("update", remote_id, local_id, body) | ("delete", remote_id, local_id)
+    # ("add", remote_id, body) | ("link", remote_id, local_id) | ("update", remote_id, local_id, body)
+    # | ("delete", remote_id, local_id)
     comments: list[tuple] = field(default_factory=list)
     # ("add", remote_id, attachment dict) | ("link", remote_id, local_id) | ("remove", remote_id, local_id)
     attachments: list[tuple] = field(default_factory=list)
@@ -96,9 +103,11 @@ class Helpers:
         comment_map=None,
         attachment_map=None,
         remote_name="",
+        scope="",
         find_user: Callable[[Any], str | None] | None = None,
     ):
         self._entity = entity
+        self._scope = scope
         self._replica = replica
         self._comment_map = dict(comment_map or {})
         self._attachment_map = dict(attachment_map or {})
@@ -113,7 +122,11 @@ class Helpers:
     def comments_to_send(self) -> list:
         """The entity's comments, minus those the sync brought here from this remote."""
         imported = set(self._comment_map.values())
-        return [to_script(c) for c in self._entity["comments"] if c["id"] not in imported]
+        return [
+            to_script(c)
+            for c in self._entity["comments"]
+            if c["id"] not in imported and self._marked_from(c["body"]) is None
+        ]
 
     def attachments_to_send(self) -> list:
         imported = set(self._attachment_map.values())
@@ -125,14 +138,24 @@ class Helpers:
         """Add new remote comments, update edited ones, remove deleted ones; never add one twice."""
         remote = [c for c in (self._replica.get("comments") or []) if isinstance(c, Mapping) and c.get("id")]
         local = {c["id"]: c for c in self._entity["comments"]}
+        mapped = set(self._comment_map.values())
+        # Comments this sync wrote but never recorded (a crash in between): found by their marker.
+        unrecorded = {}
+        for c in self._entity["comments"]:
+            remote_id = self._marked_from(c["body"])
+            if remote_id is not None and c["id"] not in mapped:
+                unrecorded.setdefault(remote_id, c["id"])
         seen = set()
         for comment in remote:
             remote_id = str(comment["id"])
             if remote_id in seen:
                 continue
             seen.add(remote_id)
-            body = self._attributed(comment)
+            body = self._attributed(comment, remote_id)
             local_id = self._comment_map.get(remote_id)
+            if local_id is None and remote_id in unrecorded:
+                local_id = unrecorded[remote_id]
+                self._comment_ops.append(("link", remote_id, local_id))
             if local_id is None:
                 self._comment_ops.append(("add", remote_id, body))
             elif local_id in local and local[local_id]["body"] != body:
@@ -141,11 +164,20 @@ class Helpers:
             if remote_id not in seen and local_id in local:
                 self._comment_ops.append(("delete", remote_id, local_id))
 
-    def _attributed(self, comment: Mapping) -> str:
+    def _attributed(self, comment: Mapping, remote_id: str) -> str:
         author = comment.get("author") or {}
         name = (author.get("name") or author.get("id") or "Someone") if isinstance(author, Mapping) else "Someone"
         where = f" ({self._remote_name})" if self._remote_name else ""
-        return f"{name}{where} wrote:\n\n{comment.get('body') or ''}"
+        text = f"{name}{where} wrote:\n\n{comment.get('body') or ''}"
+        return f"{text}\n\n[sync {self._scope}:{remote_id}]" if self._can_mark(remote_id) else text
+
+    def _can_mark(self, remote_id: str) -> bool:
+        return bool(self._scope) and MARKER.search(f"[sync {self._scope}:{remote_id}]") is not None
+
+    def _marked_from(self, body: str) -> str | None:
+        """The remote comment id in the marker of this connection that ends ``body``, or None."""
+        found = MARKER.search(body or "") if self._scope else None
+        return found.group(2) if found and found.group(1) == self._scope else None
 
     def merge_attachments(self) -> None:
         """Add remote attachments not here yet (by content hash), remove those deleted remotely."""
@@ -195,6 +227,10 @@ class Helpers:
         self._log.debug(*values)
 
 
+def marker_scope(connection: Connection) -> str:
+    return connection.uuid.hex[:8]
+
+
 def _script(rules: RulesVersion, direction: str):
     source = rules.outgoing if direction == "outgoing" else rules.incoming
     return compile_script(source, direction)
@@ -207,6 +243,7 @@ def run_outgoing(connection: Connection, rules: RulesVersion, entity: Entity, tw
         entity=view,
         comment_map=twin.comment_map if twin else None,
         attachment_map=twin.attachment_map if twin else None,
+        scope=marker_scope(connection),
     )
     replica = ScriptObject()
     printed = run_script(
@@ -236,6 +273,7 @@ def plan_incoming(
         comment_map=twin.comment_map if twin else None,
         attachment_map=twin.attachment_map if twin else None,
         remote_name=connection.remote_name,
+        scope=marker_scope(connection),
         find_user=find_user,
     )
     printed = run_script(
@@ -293,6 +331,8 @@ def apply_plan(
     for op in plan.comments:
         if op[0] == "add":
             twin.comment_map[op[1]] = tracker.add_comment(key, op[2]).id
+        elif op[0] == "link":
+            twin.comment_map[op[1]] = op[2]
         elif op[0] == "update":
             tracker.update_comment(key, op[2], op[3])
         elif op[0] == "delete":

@@ -13,13 +13,14 @@ import uuid
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from connections import rules
 from connections.models import Connection, Trigger
 from syncqueue import flow, worker
 from syncqueue.models import SyncEvent, Twin
-from trackers.base import Entity, NotFound
+from trackers.base import Comment, Entity, NotFound
 from trackers.builtin import actions
 from trackers.builtin.adapter import BuiltinTracker
 
@@ -184,6 +185,13 @@ class MemoryTracker:
     def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
         self.entities[key] = replace(self.get(key), **_entity_fields(fields))
         return self.entities[key]
+
+    def add_comment(self, key: str, body: str) -> Comment:
+        entity = self.get(key)
+        now = datetime.now(UTC)
+        added = Comment(id=str(next(self.numbers)), author=None, body=body, created=now, updated=now)
+        self.entities[key] = replace(entity, comments=(*entity.comments, added))
+        return added
 
 
 def _entity_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

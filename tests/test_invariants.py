@@ -112,7 +112,30 @@ def test_it_never_adds_a_comment_twice(red):
     red.send(red.update(comments=[comment("c1", "Hello"), comment("c2", "Again")]))
     work()
     bodies = [c.body for c in tracker().get(red.twin().local_key).comments]
-    assert bodies == ["Rita Red (Red) wrote:\n\nHello", "Rita Red (Red) wrote:\n\nAgain"]
+    assert [b.split("\n\n")[1] for b in bodies] == ["Hello", "Again"]
+
+
+def test_it_never_adds_a_comment_twice_when_the_worker_dies_between_writing_and_recording_it(red):
+    # An outside tracker keeps the comment although the twin's record of it is rolled back.
+    outside = MemoryTracker()
+    red.send(red.update(comments=[comment("c1", "Hello")]))
+    with (
+        mock.patch.object(flow, "local_tracker", return_value=outside),
+        mock.patch.object(processors, "run_outgoing", side_effect=WorkerKilled),
+        pytest.raises(WorkerKilled),
+    ):
+        work()
+    [entity] = outside.entities.values()
+    assert len(entity.comments) == 1 and red.twin().comment_map == {}
+    expire_leases()
+    worker.reclaim_expired()
+    with mock.patch.object(flow, "local_tracker", return_value=outside):
+        work()
+    [entity] = outside.entities.values()
+    [written] = entity.comments
+    assert red.twin().comment_map == {"c1": written.id}, "the retry links the comment it wrote before"
+    [ack] = red.outgoing(kind="ack")
+    assert ack.payload["replica"]["comments"] == [], "and does not send it back"
 
 
 def test_it_never_adds_an_attachment_twice(red):

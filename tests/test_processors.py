@@ -38,8 +38,9 @@ def twin_of(connection, key: str, **maps) -> Twin:
     return Twin.objects.create(connection=connection, local_key=key, remote_key="RED-1", **maps)
 
 
-def attributed(body: str, name: str = "Rita Red") -> str:
-    return f"{name} (Red) wrote:\n\n{body}"
+def attributed(connection, remote_id: str, body: str, name: str = "Rita Red") -> str:
+    """A comment as the sync writes it: attribution, body, and the marker naming the remote comment."""
+    return f"{name} (Red) wrote:\n\n{body}\n\n[sync {processors.marker_scope(connection)}:{remote_id}]"
 
 
 # --- outgoing ---------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_it_makes_the_replica_the_default_rules_define(red, alice, bob):
 def test_it_leaves_out_comments_and_attachments_the_sync_imported(red, alice):
     issue = blue_issue(alice)
     own = actions.add_comment(issue, "Written here", actor=alice)
-    imported = actions.add_comment(issue, attributed("Written on Red"))
+    imported = actions.add_comment(issue, attributed(red, "c9", "Written on Red"))
     own_file = actions.add_attachment(issue, "here.txt", BytesIO(b"here"), "text/plain")
     imported_file = actions.add_attachment(issue, "red.txt", BytesIO(b"red"), "text/plain")
     twin = twin_of(red, issue.key, comment_map={"c9": str(imported.pk)}, attachment_map={"a9": str(imported_file.pk)})
@@ -140,7 +141,7 @@ def test_it_plans_only_the_fields_that_differ(red, alice):
 
 def test_it_writes_nothing_while_planning(red, alice):
     issue = blue_issue(alice, summary="Before")
-    mapped = actions.add_comment(issue, attributed("Old"))
+    mapped = actions.add_comment(issue, attributed(red, "c1", "Old"))
     twin = twin_of(red, issue.key, comment_map={"c1": str(mapped.pk)})
     remote = replica(
         summary="After", comments=[comment("c1", "Edited"), comment("c2", "New")], attachments=[attachment("a1", b"x")]
@@ -170,25 +171,45 @@ def issue(red, alice):
 
 def test_it_adds_a_new_remote_comment_with_attribution(red, issue):
     planned = plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin_of(red, issue.key))
-    assert planned.comments == [("add", "c1", "Rita Red (Red) wrote:\n\nHello")]
+    assert planned.comments == [("add", "c1", attributed(red, "c1", "Hello"))]
+
+
+def test_it_never_sends_back_a_comment_the_sync_wrote_even_when_its_map_lost_it(red, alice):
+    issue = blue_issue(alice)
+    unrecorded = actions.add_comment(issue, attributed(red, "c7", "Written on Red"))
+    other_connection = actions.add_comment(issue, "Ann (Green) wrote:\n\nHi\n\n[sync 0badc0de:c1]")
+    quoted = actions.add_comment(issue, "a marker mid-text [sync 0badc0de:c1] is only text", actor=alice)
+    sent = outgoing_replica(red, issue.key, twin_of(red, issue.key))
+    assert unrecorded.pk not in [int(c["id"]) for c in sent["comments"]]
+    assert [int(c["id"]) for c in sent["comments"]] == [other_connection.pk, quoted.pk]
+
+
+def test_it_links_a_comment_it_wrote_but_never_recorded_instead_of_adding_it_again(red, issue):
+    written = actions.add_comment(issue, attributed(red, "c1", "Hello"))
+    twin = twin_of(red, issue.key)
+    planned = plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin)
+    assert planned.comments == [("link", "c1", str(written.pk))]
+    processors.apply_plan(tracker(), planned, issue.key, twin, fetch_attachment=None)
+    assert twin.comment_map == {"c1": str(written.pk)}
+    assert Comment.objects.filter(issue=issue).count() == 1
 
 
 def test_it_updates_an_edited_remote_comment_and_leaves_an_unchanged_one(red, issue):
-    edited = actions.add_comment(issue, attributed("Old"))
-    same = actions.add_comment(issue, attributed("Same"))
+    edited = actions.add_comment(issue, attributed(red, "c1", "Old"))
+    same = actions.add_comment(issue, attributed(red, "c2", "Same"))
     twin = twin_of(red, issue.key, comment_map={"c1": str(edited.pk), "c2": str(same.pk)})
     planned = plan(red, replica(comments=[comment("c1", "New"), comment("c2", "Same")]), issue.key, twin)
-    assert planned.comments == [("update", "c1", str(edited.pk), attributed("New"))]
+    assert planned.comments == [("update", "c1", str(edited.pk), attributed(red, "c1", "New"))]
 
 
 def test_it_deletes_a_comment_deleted_remotely(red, issue):
-    gone = actions.add_comment(issue, attributed("Bye"))
+    gone = actions.add_comment(issue, attributed(red, "c1", "Bye"))
     twin = twin_of(red, issue.key, comment_map={"c1": str(gone.pk)})
     assert plan(red, replica(comments=[]), issue.key, twin).comments == [("delete", "c1", str(gone.pk))]
 
 
 def test_it_never_plans_a_mapped_comment_again(red, issue):
-    known = actions.add_comment(issue, attributed("Hello"))
+    known = actions.add_comment(issue, attributed(red, "c1", "Hello"))
     twin = twin_of(red, issue.key, comment_map={"c1": str(known.pk)})
     assert plan(red, replica(comments=[comment("c1", "Hello")]), issue.key, twin).comments == []
 
@@ -203,7 +224,7 @@ def test_it_ignores_malformed_comments(red, issue):
     malformed = ["text", None, 5, ["c1"], {"body": "no id"}, {"id": "", "body": "empty id"}]
     strange_author = {"id": "c2", "author": "not a person", "body": None}
     planned = plan(red, replica(comments=[*malformed, strange_author]), issue.key, twin_of(red, issue.key))
-    assert planned.comments == [("add", "c2", "Someone (Red) wrote:\n\n")]
+    assert planned.comments == [("add", "c2", attributed(red, "c2", "", name="Someone"))]
 
 
 def test_it_adds_the_planned_comments_once(red, issue):
