@@ -265,7 +265,7 @@ def test_it_adds_an_attachment_with_the_bytes_fetched_from_red(red):
 def test_it_adds_comments_with_attribution_and_keeps_them_out_of_the_ack(red):
     key = first_sync(red, comments=[comment("c1", "Hello from Red")])
     [added] = tracker().get(key).comments
-    assert added.body == "Rita Red (Red) wrote:\n\nHello from Red"
+    assert added.body == f"Rita Red (Red) wrote:\n\nHello from Red\n\n[sync {red.connection.uuid.hex[:8]}:c1]"
     assert red.twin().comment_map == {"c1": added.id}
     [ack] = red.outgoing()
     assert ack.payload["replica"]["comments"] == []

@@ -107,7 +107,7 @@ def test_it_plans_the_twins_last_replica_field_by_field(red, twin, issues):
         "labels": ([], ["red"]),
     }
     assert [(op.action, op.remote_id, op.local_id) for op in result.comments] == [("add", "c1", None)]
-    assert result.comments[0].detail == "Rita Red (Red) wrote:\n\nHello"
+    assert result.comments[0].detail == f"Rita Red (Red) wrote:\n\nHello\n\n[sync {red.uuid.hex[:8]}:c1]"
     assert result.attachments == []
 
 
