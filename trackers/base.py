@@ -29,6 +29,15 @@ class TrackerError(Exception):
         return f"{type(self).__name__}({self.message!r}, permanent={self.permanent})"
 
 
+class TrackerUnavailable(TrackerError):
+    """The tracker as a whole cannot be used now: unreachable, down, or refusing the sync's credentials.
+
+    Nothing is wrong with the entity at hand, so the sync holds the queue instead of
+    blocking twins, shows the problem, and resumes by itself once the tracker answers.
+    ``permanent`` says whether waiting alone can help (a refused key needs someone to act).
+    """
+
+
 class NotFound(TrackerError):
     """The entity, comment or attachment does not exist (always permanent)."""
 

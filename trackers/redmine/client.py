@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from trackers.base import NotFound, TrackerError
+from trackers.base import NotFound, TrackerError, TrackerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,11 @@ class RedmineClient:
         try:
             response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.Timeout:
-            raise TrackerError(f"Redmine did not answer {method} {path} in time", permanent=False) from None
+            raise TrackerUnavailable(f"Redmine did not answer {method} {path} in time", permanent=False) from None
         except requests.RequestException as e:
-            raise TrackerError(f"cannot reach Redmine at {self.url}: {type(e).__name__}", permanent=False) from None
+            raise TrackerUnavailable(
+                f"cannot reach Redmine at {self.url}: {type(e).__name__}", permanent=False
+            ) from None
         logger.debug("%s %s -> %s", method, path, response.status_code)
         return response
 
@@ -156,13 +158,13 @@ class RedmineClient:
         status = response.status_code
         where = f"{method} {path.split('?')[0]}"
         if status in (401, 403):
-            return TrackerError(f"Redmine refused the API key (HTTP {status} on {where})", permanent=True)
+            return TrackerUnavailable(f"Redmine refused the API key (HTTP {status} on {where})", permanent=True)
         if status == 404:
             return NotFound(f"Redmine has no {path.split('?')[0]} (HTTP 404)")
         if status == 422:
             return TrackerError(f"Redmine rejected {where}: {'; '.join(_error_list(response))}", permanent=True)
         if status == 429 or status >= 500:
-            return TrackerError(f"Redmine is unavailable (HTTP {status} on {where})", permanent=False)
+            return TrackerUnavailable(f"Redmine is unavailable (HTTP {status} on {where})", permanent=False)
         return TrackerError(f"Redmine refused {where} (HTTP {status})", permanent=True)
 
     @staticmethod
