@@ -29,8 +29,21 @@ log = logging.getLogger(__name__)
 Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
 
 
+# Adapters outside the database keep a session and caches (ids, digests) worth reusing;
+# one per settings, so a change of settings takes effect at the next call.
+_outside_trackers: dict[tuple[str, str], Tracker] = {}
+
+
 def local_tracker() -> Tracker:
-    return Node.local().tracker()
+    node = Node.local()
+    cache_key = (node.tracker_kind, node.tracker_settings)
+    tracker = _outside_trackers.get(cache_key)
+    if tracker is None:
+        tracker = node.tracker()
+        if not getattr(tracker, "shares_database", False):
+            _outside_trackers.clear()
+            _outside_trackers[cache_key] = tracker
+    return tracker
 
 
 def kick() -> None:

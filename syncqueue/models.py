@@ -41,6 +41,8 @@ class Twin(models.Model):
     attachment_map = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(default=timezone.now, editable=False)
     last_synced = models.DateTimeField(null=True, blank=True)
+    # When polling last looked at the local entity on purpose (see triggers.sweep).
+    last_checked = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -52,6 +54,7 @@ class Twin(models.Model):
                 fields=["connection", "remote_key"], condition=Q(remote_key__isnull=False), name="twin_remote_unique"
             ),
         ]
+        indexes = [models.Index(fields=["connection", "last_checked"], name="twin_sweep_idx")]
 
     def __str__(self) -> str:
         return f"{self.local_key or '?'} <-> {self.remote_key or '?'}"
@@ -108,3 +111,16 @@ class SyncEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.direction} {self.kind} #{self.seq} of {self.twin}"
+
+
+class TrackerState(models.Model):
+    """The local tracker as the sync last found it (one row). While it has a problem the queue waits."""
+
+    problem = models.TextField(blank=True)
+    # True when waiting alone cannot help (the tracker refuses the sync's key): someone must act.
+    needs_action = models.BooleanField(default=False)
+    since = models.DateTimeField(null=True, blank=True)
+    checked = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.problem or "working"

@@ -14,13 +14,13 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
-from connections.models import Connection, Trigger
-from syncqueue import flow
+from connections.models import Connection, Node, Trigger
+from syncqueue import flow, health
 from syncqueue.models import Twin
-from trackers.base import Entity, Tracker, TrackerError
+from trackers.base import Entity, Tracker, TrackerError, TrackerUnavailable
 from trackers.signals import entity_changed
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,14 @@ def connect() -> None:
 
 
 def _matches(trigger: Trigger, key: str, tracker: Tracker) -> bool:
-    if tracker.kind == "builtin":
-        # The built-in tracker can test one entity against a query without listing all matches.
-        from trackers.builtin import query
-        from trackers.builtin.models import Issue
-
-        try:
-            return query.search(Issue.objects.filter(key=key), trigger.query).exists()
-        except query.QueryError:
-            return False
-    page = tracker.search(trigger.query, limit=500)
-    return any(e.key == key for e in page.entities)
+    try:
+        return tracker.matches(trigger.query, key)
+    except TrackerUnavailable:
+        raise
+    except TrackerError as e:
+        # A query the tracker refuses matches nothing; the trigger's page shows the error when run.
+        log.warning("trigger %s cannot be tested: %s", trigger.pk, e)
+        return False
 
 
 def connections_for(key: str, tracker: Tracker) -> list[Connection]:
@@ -114,18 +111,61 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
         if cursor is None:
             break
     Connection.objects.filter(pk=connection.pk).update(poll_watermark=high_water)
+    return queued + sweep(connection, tracker)
+
+
+# Twins re-read per polling pass where the tracker does not report every change.
+SWEEP_BATCH = 20
+
+
+def sweep(connection: Connection, tracker: Tracker, batch: int = SWEEP_BATCH) -> int:
+    """Re-read the twins looked at longest ago, for changes ``changed_since`` cannot see.
+
+    Redmine, for one, moves no timestamp when a comment is edited or an attachment
+    deleted. Re-running the outgoing rules costs one read per twin and sends only when
+    the replica differs from the last one sent, so a sweep of unchanged twins sends nothing.
+    """
+    if getattr(tracker, "reports_every_change", True):
+        return 0
+    twins = (
+        Twin.objects.filter(connection=connection, local_key__isnull=False)
+        .exclude(state=Twin.State.STOPPED)
+        .order_by(F("last_checked").asc(nulls_first=True), "id")
+        .values_list("pk", "local_key")[:batch]
+    )
+    queued = 0
+    for pk, key in twins:
+        try:
+            if flow.sync_entity(connection, key, tracker=tracker):
+                queued += 1
+        except TrackerUnavailable:
+            raise
+        except (TrackerError, flow.SyncRefused) as e:
+            log.warning("re-reading %s failed: %s", key, e)
+        Twin.objects.filter(pk=pk).update(last_checked=timezone.now())
     return queued
+
+
+def poll_interval() -> int:
+    node = Node.local()
+    return getattr(node, "poll_seconds", None) or settings.SYNC_POLL_SECONDS
 
 
 def poll_due() -> int:
     """Poll every syncing connection whose interval has passed."""
-    due = timezone.now() - timedelta(seconds=settings.SYNC_POLL_SECONDS)
+    due = timezone.now() - timedelta(seconds=poll_interval())
     queued = 0
     connections = Connection.objects.filter(status__in=SYNCING).filter(Q(polled_at=None) | Q(polled_at__lte=due))
     for connection in connections.select_related("active_rules"):
         Connection.objects.filter(pk=connection.pk).update(polled_at=timezone.now())
         try:
             queued += poll(connection)
+        except TrackerUnavailable as e:
+            # Every connection reads the same tracker: the others would fail the same way.
+            health.tracker_failed(e)
+            return queued
         except (TrackerError, flow.SyncRefused) as e:
             log.warning("polling %s failed: %s", connection, e)
+        else:
+            health.tracker_ok()
     return queued

@@ -9,7 +9,8 @@
    same row; everywhere the claim is a conditional UPDATE that tolerates losing a race.
 3. Apply each, in its own transaction; a failure is recorded on the event (retry with
    backoff or block the twin) before the loop moves on, so one bad event cannot stall
-   the others or crash-loop the worker.
+   the others or crash-loop the worker. When the tracker itself is out (unreachable,
+   refusing the key) the rest of the batch waits instead, and ``health`` records why.
 4. Claim a batch of ready outgoing events of active connections and push them to each
    remote in one signed request per connection; a remote that does not answer keeps its
    events pending with backoff.
@@ -33,9 +34,9 @@ from django.utils import timezone
 
 from connections.models import Connection
 from connections.scripting import ScriptError
-from syncqueue import flow, transport
+from syncqueue import flow, health, transport
 from syncqueue.models import SyncEvent, Twin
-from trackers.base import TrackerError
+from trackers.base import TrackerError, TrackerUnavailable
 
 log = logging.getLogger(__name__)
 Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
@@ -43,6 +44,8 @@ LEASE = timedelta(seconds=90)
 BATCH = 100
 # A remote that does not answer is tried again at least this often, however long it is down.
 MAX_SEND_BACKOFF = timedelta(seconds=30)
+# While the local tracker is out, held events try again this often.
+TRACKER_RETRY = timedelta(seconds=10)
 
 
 def worker_id() -> str:
@@ -89,21 +92,44 @@ def process_incoming(owner: str, limit: int = BATCH) -> int:
     events = claim(Direction.INCOMING, owner, limit)
     if not events:
         return 0
-    tracker = flow.local_tracker()
-    for event in events:
+    try:
+        tracker = flow.local_tracker()
+    except TrackerError as e:
+        return _hold(events, TrackerUnavailable(f"the tracker's settings do not work: {e}", permanent=True))
+    applied = False
+    for position, event in enumerate(events):
         try:
             flow.apply_incoming(event, tracker)
+        except TrackerUnavailable as e:
+            # The tracker as a whole is out: this and the rest wait, no twin is blocked.
+            return _hold(events[position:], e) + position
         except (ScriptError, TrackerError, transport.RemoteError) as e:
             flow.record_failure(event, e)
         except Exception as e:
             log.exception("unexpected error applying %s", event)
             flow.record_failure(event, e)
         else:
+            applied = True
             # A gap left it unapplied: release it to wait for the missing message.
             SyncEvent.objects.filter(pk=event.pk, status=Status.PROCESSING).update(
                 status=Status.PENDING, lease_owner="", lease_expires=None
             )
+    if applied:
+        health.tracker_ok()
     return len(events)
+
+
+def _hold(events: list[SyncEvent], error: TrackerUnavailable) -> int:
+    """Put ``events`` back to wait for the tracker, without counting it against them."""
+    SyncEvent.objects.filter(pk__in=[e.pk for e in events]).update(
+        status=Status.PENDING,
+        lease_owner="",
+        lease_expires=None,
+        error=str(error),
+        next_attempt=timezone.now() + TRACKER_RETRY,
+    )
+    health.tracker_failed(error)
+    return 0
 
 
 def send_outgoing(owner: str, limit: int = BATCH) -> int:

@@ -13,7 +13,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from syncqueue import flow, processors, tasks, transport, worker
+from syncqueue import flow, health, processors, tasks, transport, worker
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import (
     WORKER,
@@ -28,6 +28,7 @@ from tests.syncpair import (
     use_rules,
     work,
 )
+from trackers.base import TrackerUnavailable
 from trackers.builtin import actions
 from trackers.builtin.models import Attachment, Issue
 
@@ -253,6 +254,30 @@ def test_it_retries_a_transient_failure_with_backoff(red):
     assert (event.status, event.attempts, event.error) == ("pending", 1, str(RED_DOWN))
     assert event.next_attempt > timezone.now()
     assert red.twin().state == "ok"
+
+
+def test_it_holds_the_queue_while_the_local_tracker_is_out_and_then_applies_everything(red):
+    outside = MemoryTracker()
+    red.send(red.update("RED-1", summary="One"), red.update("RED-2", summary="Two"))
+    refused = TrackerUnavailable("Redmine refused the API key (HTTP 401 on GET /issues.json)", permanent=True)
+    # Longer than MAX_ATTEMPTS retries would allow, were an outage counted against the events.
+    for _ in range(flow.MAX_ATTEMPTS + 2):
+        with (
+            mock.patch.object(flow, "local_tracker", return_value=outside),
+            mock.patch.object(outside, "create", side_effect=refused),
+        ):
+            make_due()
+            work()
+    held = SyncEvent.objects.filter(direction="incoming")
+    assert {(e.status, e.attempts, e.error) for e in held} == {("pending", 0, str(refused))}
+    assert {t.state for t in Twin.objects.all()} == {"ok"}, "no twin is blocked for the tracker's fault"
+    assert health.problem().needs_action, "the problem is shown, and it needs someone to act"
+    make_due()
+    with mock.patch.object(flow, "local_tracker", return_value=outside):
+        work()
+    assert sorted(e.summary for e in outside.entities.values()) == ["One", "Two"]
+    assert set(held.values_list("status", flat=True)) == {"done"}
+    assert health.problem() is None
 
 
 # --- delivery ---------------------------------------------------------------------------------

@@ -137,6 +137,9 @@ class Tracker(Protocol):
     # True when writes join the node's database transaction (only the built-in tracker);
     # the sync then creates and links an entity in one step. Other adapters leave it False.
     shares_database: bool = False
+    # False when some changes move no timestamp (Redmine: comment edits, attachment
+    # deletes), so ``changed_since`` misses them; the poller then also re-reads twins.
+    reports_every_change: bool = True
 
     def get(self, key: str) -> Entity:
         """The entity with its comments and attachments; NotFound if there is none."""

@@ -118,6 +118,7 @@ class RedmineTracker:
 
     kind = "redmine"
     shares_database = False
+    reports_every_change = False  # journals have no updated_on; attachment deletes move nothing
 
     def __init__(
         self,
@@ -301,6 +302,28 @@ class RedmineTracker:
         following = offset + len(rows)
         next_cursor = encode_cursor(offset=following) if rows and following < total else None
         return Page(entities, next_cursor, max((e.updated for e in entities), default=None))
+
+    @_guarded
+    def matches(self, query: str, key: str) -> bool:
+        """One list request: the query's filters plus ``issue_id=key``, as ``search`` would read them.
+
+        A query that filters on ``issue_id`` itself leaves no room for ours, so its matches
+        are listed (ids only, a page of 100 per request) until ``key`` turns up.
+        """
+        params = {"status_id": "*", **_search_params(query)}
+        if not isinstance(key, str) or not key.isdigit():
+            return False
+        if "issue_id" not in params:
+            _, total = self._list({**params, "issue_id": key}, 0, 1)
+            return total > 0
+        offset = 0
+        while True:
+            rows, total = self._list({**params, "sort": "id:asc"}, offset, LIST_LIMIT)
+            if any(str(row["id"]) == key for row in rows):
+                return True
+            offset += len(rows)
+            if not rows or offset >= total:
+                return False
 
     # --- writing -------------------------------------------------------------------------
 

@@ -1,0 +1,129 @@
+"""Polling: the watermark, the sweep for changes a tracker does not report, and the tracker's health."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from django.utils import timezone
+
+from syncqueue import flow, health, tasks, triggers
+from syncqueue.models import SyncEvent, Twin
+from tests.syncpair import blue_issue, connect_red, tracker
+from trackers.base import Page, TrackerError, TrackerUnavailable
+from trackers.builtin import actions
+from trackers.builtin.adapter import BuiltinTracker
+from trackers.builtin.models import Comment
+from trackers.signals import entity_changed
+
+DOWN = TrackerUnavailable("cannot reach Redmine at http://127.0.0.1:9: ConnectionError", permanent=False)
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    # Only polling finds changes here: no post function, no worker kicks.
+    monkeypatch.setattr(tasks, "kick", lambda: None)
+    entity_changed.disconnect(dispatch_uid="syncqueue.triggers")
+    yield
+    triggers.connect()
+
+
+@pytest.fixture
+def red(project):
+    return connect_red()
+
+
+class Unreported(BuiltinTracker):
+    """The built-in tracker as Redmine behaves: some changes move no timestamp."""
+
+    reports_every_change = False
+
+    def changed_since(self, since, *, cursor=None, limit=100):
+        return Page(())
+
+
+class Down(BuiltinTracker):
+    def changed_since(self, since, *, cursor=None, limit=100):
+        raise DOWN
+
+
+def outgoing(connection) -> list[SyncEvent]:
+    return list(SyncEvent.objects.filter(connection=connection, direction="outgoing").order_by("id"))
+
+
+def test_a_pass_queues_what_changed_and_matches_and_then_nothing_more(red, alice):
+    issue = blue_issue(alice)
+    assert triggers.poll(red) == 1
+    red.refresh_from_db()
+    assert red.poll_watermark == issue.updated
+    assert triggers.poll(red) == 0, "an unchanged entity seen again in the overlap is not sent again"
+    assert [e.payload["replica"]["key"] for e in outgoing(red)] == [issue.key]
+
+
+def test_a_pass_leaves_out_entities_no_trigger_matches(project, alice):
+    red = connect_red(trigger=False)
+    blue_issue(alice)
+    assert triggers.poll(red) == 0
+    assert outgoing(red) == []
+
+
+def test_the_watermark_stays_where_it_was_when_a_pass_fails(red, alice):
+    blue_issue(alice)
+    broken = TrackerError("Redmine broke off", permanent=False)
+    with mock.patch.object(flow, "sync_entity", side_effect=broken), pytest.raises(TrackerError):
+        triggers.poll(red)
+    red.refresh_from_db()
+    assert red.poll_watermark is None
+    assert triggers.poll(red) == 1, "the next pass sees the entity again"
+
+
+def test_a_sweep_finds_a_comment_edit_that_moved_no_timestamp(red, alice):
+    issue = blue_issue(alice)
+    note = actions.add_comment(issue, "First words", actor=alice)
+    flow.sync_entity(red, issue.key)
+    Comment.objects.filter(pk=note.pk).update(body="Edited words")  # as Redmine edits a journal
+    assert triggers.poll(red, Unreported()) == 1
+    [_, resent] = outgoing(red)
+    assert [c["body"] for c in resent.payload["replica"]["comments"]] == ["Edited words"]
+    assert Twin.objects.get(local_key=issue.key).last_checked is not None
+
+
+def test_a_sweep_sends_nothing_for_twins_that_did_not_change(red, alice):
+    for n in range(3):
+        flow.sync_entity(red, blue_issue(alice, summary=f"Issue {n}").key)
+    assert triggers.poll(red, Unreported()) == 0
+    assert len(outgoing(red)) == 3
+
+
+def test_a_sweep_reads_the_twins_looked_at_longest_ago_first(red, alice):
+    first, second = (blue_issue(alice, summary=name) for name in ("First", "Second"))
+    for issue in (first, second):
+        flow.sync_entity(red, issue.key)
+    Twin.objects.filter(local_key=first.key).update(last_checked=timezone.now())
+    triggers.sweep(red, Unreported(), batch=1)
+    checked = dict(Twin.objects.values_list("local_key", "last_checked"))
+    assert checked[second.key] is not None and checked[second.key] > checked[first.key]
+
+
+def test_trackers_that_report_every_change_are_not_swept(red, alice):
+    flow.sync_entity(red, blue_issue(alice).key)
+    assert triggers.sweep(red, tracker()) == 0
+    assert Twin.objects.get().last_checked is None
+
+
+def test_an_unreachable_tracker_is_recorded_and_cleared_when_it_answers(red, alice):
+    blue_issue(alice)
+    with mock.patch.object(flow, "local_tracker", return_value=Down()):
+        assert triggers.poll_due() == 0
+    problem = health.problem()
+    assert problem.problem == str(DOWN) and not problem.needs_action
+    red.refresh_from_db()
+    assert red.poll_watermark is None
+    red.__class__.objects.filter(pk=red.pk).update(polled_at=None)
+    assert triggers.poll_due() == 1
+    assert health.problem() is None
+
+
+def test_the_poll_interval_comes_from_the_settings_by_default(red, settings):
+    settings.SYNC_POLL_SECONDS = 45
+    assert triggers.poll_interval() == 45
