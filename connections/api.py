@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 
 from connections import handshake, lifecycle, rules
 from connections.models import Connection, Node, RulesVersion, Trigger
+from syncqueue import health
 from trackers.base import TrackerError
 
 
@@ -40,6 +41,9 @@ class StrictSerializer(serializers.Serializer):
 
 class ConnectionSerializer(serializers.ModelSerializer):
     rules_version = serializers.IntegerField(source="active_rules.number", read_only=True, default=None)
+    tracker_problem = serializers.SerializerMethodField(
+        help_text="Why this node's tracker cannot be used now (the queue waits), or null."
+    )
 
     class Meta:
         model = Connection
@@ -54,9 +58,17 @@ class ConnectionSerializer(serializers.ModelSerializer):
             "remote_url",
             "project",
             "rules_version",
+            "tracker_problem",
             "last_contact",
             "created",
         ]
+
+    def get_tracker_problem(self, connection) -> str | None:
+        # Once per serializer: the same for every connection of this node.
+        if not hasattr(self, "_tracker_problem"):
+            found = health.problem()
+            self._tracker_problem = found.problem if found else None
+        return self._tracker_problem
 
 
 class InvitationInput(StrictSerializer):

@@ -66,6 +66,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "exalate_web.context_processors.node",
+                "syncqueue.context_processors.tracker_health",
             ],
         },
     },

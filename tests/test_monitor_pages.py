@@ -11,9 +11,10 @@ from django.urls import reverse
 from django.utils import timezone
 
 from connections.models import Connection
-from syncqueue import flow, monitor, tasks
+from syncqueue import flow, health, monitor, tasks
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import Red, blue_issue, connect_red, tracker, use_rules, work
+from trackers.base import TrackerUnavailable
 
 pytestmark = pytest.mark.django_db
 
@@ -120,7 +121,7 @@ def test_it_answers_404_for_a_missing_event_or_twin(as_bob, db):
 
 
 def test_it_shows_an_empty_node(as_bob, django_assert_max_num_queries):
-    with django_assert_max_num_queries(8):
+    with django_assert_max_num_queries(9):
         response = as_bob.get(MONITOR)
     content = response.content.decode()
     assert "No connections yet" in content
@@ -262,13 +263,13 @@ def test_it_shows_thousands_of_events_in_a_bounded_number_of_queries(as_bob, red
         make_events(twin, 250, status="failed", direction="outgoing", error="refused", finished=now)
     assert SyncEvent.objects.count() == 3000
     for params in ({}, {"status": "failed", "key": "blue", "page": "7"}, {"page": "last"}):
-        with django_assert_max_num_queries(10):
+        with django_assert_max_num_queries(11):
             response = as_bob.get(MONITOR, params)
         assert response.status_code == 200
     assert "3000 events" in as_bob.get(MONITOR).content.decode()
-    with django_assert_max_num_queries(8):
+    with django_assert_max_num_queries(9):
         assert as_bob.get(reverse("sync:twin", args=[twins[0].pk]), {"page": 4}).status_code == 200
-    with django_assert_max_num_queries(6):
+    with django_assert_max_num_queries(7):
         assert as_bob.get(reverse("sync:event", args=[SyncEvent.objects.first().pk])).status_code == 200
 
 
@@ -466,3 +467,21 @@ def test_it_resolves_and_retries_a_twin_from_the_monitor(as_bob, red):
     twin.refresh_from_db()
     assert (twin.state, twin.in_seq) == ("ok", 2)
     assert "ZeroDivisionError" not in as_bob.get(MONITOR).content.decode()
+
+
+# --- the local tracker's health ---------------------------------------------------------------
+
+
+def test_staff_see_on_the_sync_pages_why_the_tracker_cannot_be_used(red, as_bob, as_charlie, bob_api):
+    refused = TrackerUnavailable("Redmine refused the API key (HTTP 401 on GET /issues.json)", permanent=True)
+    health.tracker_failed(refused)
+    connection_page = reverse("connections:detail", args=[red.connection.pk])
+    for page in (MONITOR, connection_page, reverse("connections:list")):
+        shown = as_bob.get(page).content.decode()
+        assert "Redmine refused the API key (HTTP 401 on GET /issues.json)" in shown
+        assert "waits until the tracker's settings are fixed" in shown
+    assert 'id="tracker-problem"' not in as_charlie.get(MONITOR).content.decode(), "only staff see node problems"
+    assert bob_api.get(f"/api/v1/connections/{red.connection.pk}/").json()["tracker_problem"] == str(refused)
+    health.tracker_ok()
+    assert 'id="tracker-problem"' not in as_bob.get(MONITOR).content.decode()
+    assert bob_api.get(f"/api/v1/connections/{red.connection.pk}/").json()["tracker_problem"] is None
