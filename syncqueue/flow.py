@@ -90,7 +90,56 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
         if digest == twin.last_sent_hash and not force:
             twin.save()
             return None
+        if _written_by_sync(entity, tracker) and not (force or restart):
+            twin.bounces += 1
+            if twin.bounces > MAX_BOUNCES:
+                return _record_loop(twin, replica)
+        else:
+            twin.bounces = 0
         return _queue(twin, Kind.UPDATE, replica, digest, restart=restart)
+
+
+# A twin whose own sync writes keep producing new replicas this many times in a row is looping.
+MAX_BOUNCES = 5
+
+
+def _written_by_sync(entity, tracker: Tracker) -> bool:
+    """Whether the sync itself made the entity's latest change (so a new replica is its own echo)."""
+    if entity.updated_by is None:
+        return False
+    try:
+        return entity.updated_by.id == tracker.sync_account().id
+    except TrackerError:
+        return False
+
+
+def _record_loop(twin: Twin, replica: dict) -> SyncEvent:
+    """Block a bouncing twin instead of sending again, keeping the replicas that show the loop."""
+    reason = (
+        f"sync loop: the rules changed what they received {MAX_BOUNCES} times in a row without settling; "
+        "the event holds the last replicas sent and received"
+    )
+    twin.state = Twin.State.BLOCKED
+    twin.blocked_reason = reason
+    twin.save()
+    return SyncEvent.objects.create(
+        connection=twin.connection,
+        twin=twin,
+        direction=Direction.OUTGOING,
+        kind=Kind.UPDATE,
+        seq=0,
+        payload={
+            "key": twin.local_key,
+            "replica": replica,
+            "last_sent": twin.last_sent,
+            "last_received": twin.last_received,
+        },
+        status=Status.FAILED,
+        attempts=1,
+        error=reason,
+        rules_version=twin.connection.active_rules,
+        finished=timezone.now(),
+    )
 
 
 def _queue(
@@ -479,6 +528,7 @@ def resolve_and_retry(twin: Twin) -> int:
     if twin.state == Twin.State.BLOCKED:
         twin.state = Twin.State.OK
         twin.blocked_reason = ""
+    twin.bounces = 0
     twin.save()
     if rerun and twin.local_key:
         transaction.on_commit(lambda: _resync(twin.pk))

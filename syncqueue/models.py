@@ -43,6 +43,8 @@ class Twin(models.Model):
     last_synced = models.DateTimeField(null=True, blank=True)
     # When polling last looked at the local entity on purpose (see triggers.sweep).
     last_checked = models.DateTimeField(null=True, blank=True)
+    # Updates sent in a row right after the sync's own write changed the entity: a loop if it grows.
+    bounces = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ["-id"]

@@ -1,5 +1,5 @@
-"""The promises of DESIGN.md, by name. Convergence (1), catching a bouncing twin (5) and
-conflicts (7) come with their own issues.
+"""The promises of DESIGN.md, by name. Convergence (1) and conflicts (7) come with their own
+issues.
 
 Blue is this test database; Red is played by hand (tests/syncpair.py).
 """
@@ -220,6 +220,52 @@ def test_it_does_not_echo_a_change_the_sync_wrote(red, alice, django_capture_on_
         actions.update_issue(Issue.objects.get(key=key), {"summary": "Edited on Blue"}, actor=alice)
     assert [e.kind for e in red.outgoing()] == ["ack", "ack", "update"]
     assert flow.sync_entity(red.connection, key) is None, "an unchanged replica is not sent again"
+
+
+LOOPING_RULES = 'if first_sync:\n    issue.project = connection.project\nissue.summary = replica.summary + "!"\n'
+
+
+def bounce(red, capture) -> None:
+    """Red answers Blue's latest message with an ack whose rules appended to the summary again."""
+    key = red.twin().local_key
+    last = red.outgoing()[-1]
+    with capture(execute=True):
+        red.send(red.ack(last.message_id, key="RED-1", remote_key=key, summary=tracker().get(key).summary + "!"))
+        work()
+
+
+def test_it_stops_a_twin_that_bounces_without_settling(red, django_capture_on_commit_callbacks):
+    use_rules(red.connection, incoming=LOOPING_RULES)
+    with django_capture_on_commit_callbacks(execute=True):
+        red.send(red.update(summary="x"))
+        work()
+    for _ in range(flow.MAX_BOUNCES * 2):
+        bounce(red, django_capture_on_commit_callbacks)
+        if red.twin().state == "blocked":
+            break
+    twin = red.twin()
+    assert twin.state == "blocked" and twin.blocked_reason.startswith("sync loop")
+    assert len(red.outgoing(kind="update", seq__gt=0)) == flow.MAX_BOUNCES, "it sent a bounded number of times"
+    loop = SyncEvent.objects.get(twin=twin, status="failed")
+    assert loop.payload["replica"]["summary"] == tracker().get(twin.local_key).summary
+    assert loop.payload["last_received"]["summary"] + "!" == loop.payload["replica"]["summary"]
+    use_rules(red.connection)
+    flow.resolve_and_retry(twin)
+    assert red.twin().state == "ok" and red.twin().bounces == 0
+
+
+def test_a_person_changing_the_entity_ends_a_run_of_bounces(red, alice, django_capture_on_commit_callbacks):
+    use_rules(red.connection, incoming=LOOPING_RULES)
+    with django_capture_on_commit_callbacks(execute=True):
+        red.send(red.update(summary="x"))
+        work()
+    for n in range(flow.MAX_BOUNCES):
+        bounce(red, django_capture_on_commit_callbacks)
+        assert red.twin().bounces == 1
+        key = red.twin().local_key
+        with django_capture_on_commit_callbacks(execute=True):
+            actions.update_issue(Issue.objects.get(key=key), {"description": f"a person was here {n}"}, actor=alice)
+    assert red.twin().state == "ok" and red.twin().bounces == 0
 
 
 # --- 6. no silent failure ---------------------------------------------------------------------
