@@ -1,12 +1,15 @@
-"""Forms of the connection setup pages. They only read input; pairing and triggers are written elsewhere."""
+"""Forms of the connection pages. They only read input: pairing, triggers and tracker settings are written elsewhere."""
 
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from rest_framework import serializers
 
-from connections import rules
+from connections import rules, tracker_settings
 from connections.api import TriggerSerializer
+from connections.models import MAX_POLL_SECONDS, Node
+from trackers import registry
 from trackers.builtin.models import Project
 
 
@@ -90,3 +93,90 @@ class TriggerForm(forms.Form):
 
     def clean_query(self) -> str:
         return clean_trigger_query(self.cleaned_data["query"])
+
+
+TRACKER_KINDS = {"builtin": "The built-in tracker", "redmine": "Redmine"}
+
+
+def _tracker_kind_choices() -> list[tuple[str, str]]:
+    return [(kind, TRACKER_KINDS.get(kind, kind)) for kind in registry.kinds()]
+
+
+def _map_field(label: str, example: str) -> forms.CharField:
+    return forms.CharField(
+        label=label,
+        required=False,
+        max_length=10_000,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "placeholder": example}),
+        help_text="One per line, Name = Redmine id: names the rules may use besides Redmine's own.",
+    )
+
+
+class TrackerSettingsForm(forms.Form):
+    """The tracker this node serves. With the built-in tracker chosen, the Redmine fields are ignored."""
+
+    kind = forms.ChoiceField(label="Tracker", choices=_tracker_kind_choices)
+    url = forms.CharField(
+        label="Redmine URL",
+        max_length=300,
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "https://redmine.example.org", "spellcheck": "false"}),
+    )
+    api_key = forms.CharField(
+        label="API key",
+        max_length=200,
+        required=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        help_text="Of the Redmine account the sync writes as. Leave blank to keep the stored key "
+        "(a new URL needs its key again).",
+    )
+    project = forms.CharField(label="Project identifier", max_length=100, required=False)
+    status_map = _map_field("Status names", "Done = 5")
+    priority_map = _map_field("Priority names", "Urgent = 4")
+    tracker_map = _map_field("Issue type names", "Task = 3")
+    poll_seconds = forms.IntegerField(
+        label="Poll interval (seconds)", min_value=1, max_value=MAX_POLL_SECONDS, required=False
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["poll_seconds"].help_text = (
+            f"How often the tracker is asked for changes. Blank: every {settings.SYNC_POLL_SECONDS} seconds "
+            "(the SYNC_POLL_SECONDS setting)."
+        )
+
+    @classmethod
+    def for_node(cls, node: Node) -> TrackerSettingsForm:
+        """The form filled in with what ``node`` has now (the API key never)."""
+        config = node.tracker_config()
+        initial = {
+            "kind": node.tracker_kind,
+            "url": config.get("url", ""),
+            "project": config.get("project", ""),
+            "poll_seconds": node.poll_seconds,
+        }
+        for name in tracker_settings.MAP_NAMES:
+            initial[name] = "\n".join(tracker_settings.format_map(config.get(name, {})))
+        return cls(initial=initial)
+
+    def clean(self) -> dict:
+        data = super().clean()
+        # Maps only matter for Redmine; a leftover one must not block choosing the built-in tracker.
+        if data.get("kind") == "redmine":
+            for name in tracker_settings.MAP_NAMES:
+                if name not in data:
+                    continue
+                try:
+                    data[name] = tracker_settings.parse_map(data[name].splitlines(), name)
+                except tracker_settings.TrackerSettingsError as e:
+                    self.add_error(name, e.message)
+        return data
+
+    def save_arguments(self) -> dict:
+        """Keyword arguments for ``tracker_settings.save``, from a valid form."""
+        data = self.cleaned_data
+        chosen = {"kind": data["kind"], "poll_seconds": data["poll_seconds"]}
+        if data["kind"] == "redmine":
+            for name in ("url", "api_key", "project", *tracker_settings.MAP_NAMES):
+                chosen[name] = data[name]
+        return chosen

@@ -6,10 +6,13 @@ import json
 import uuid
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
 from connections.crypto import EncryptedTextField
+
+MAX_POLL_SECONDS = 24 * 60 * 60
 
 
 class Node(models.Model):
@@ -21,10 +24,20 @@ class Node(models.Model):
     tracker_kind = models.CharField(max_length=30, default="builtin")
     # JSON of the tracker's settings (URL, API key, ...), encrypted because it holds credentials.
     tracker_settings = EncryptedTextField(blank=True, default="")
+    poll_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_POLL_SECONDS)],
+        help_text="How often the tracker is asked for changes; empty means the SYNC_POLL_SECONDS setting.",
+    )
     created = models.DateTimeField(default=timezone.now, editable=False)
 
     def __str__(self) -> str:
         return self.name
+
+    def poll_interval(self) -> int:
+        """Seconds between two looks at this node's tracker for changes."""
+        return settings.SYNC_POLL_SECONDS if self.poll_seconds is None else self.poll_seconds
 
     def tracker_config(self) -> dict:
         return json.loads(self.tracker_settings) if self.tracker_settings else {}

@@ -14,4 +14,6 @@ urlpatterns = [
     path("<int:pk>/deactivate/", views.set_active, {"active": False}, name="deactivate"),
     path("<int:pk>/triggers/", views.trigger_add, name="trigger-add"),
     path("triggers/<int:pk>/run/", views.trigger_run, name="trigger-run"),
+    path("tracker/", views.tracker_settings_page, name="tracker"),
+    path("tracker/change/", views.tracker_settings_change, name="tracker-change"),
 ]

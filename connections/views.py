@@ -1,7 +1,8 @@
-"""The connection setup pages: list, invite, accept a code, a connection's page and its buttons.
+"""The connection setup pages: list, invite, accept a code, a connection's page and its buttons,
+and the tracker this node serves.
 
 Staff may look; only admins (superusers) change anything, as in the REST API. Every write
-goes through ``handshake``, ``lifecycle`` or the API's trigger validation.
+goes through ``handshake``, ``lifecycle``, ``tracker_settings`` or the API's trigger validation.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from django.contrib import messages
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils.text import capfirst
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from connections import handshake, lifecycle
+from connections import handshake, lifecycle, tracker_settings
 from connections.access import admins_only, is_admin, staff_only
-from connections.forms import AcceptForm, InvitationForm, TriggerForm
-from connections.models import Connection, Invitation, Trigger
+from connections.forms import TRACKER_KINDS, AcceptForm, InvitationForm, TrackerSettingsForm, TriggerForm
+from connections.models import Connection, Invitation, Node, Trigger
 from trackers.base import TrackerError
 from trackers.builtin.models import Project
 
@@ -189,3 +191,57 @@ def trigger_run(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.success(request, f"{queued} issue{'s' if queued != 1 else ''} queued for {trigger.connection.name}.")
     return _to_detail(trigger.connection)
+
+
+# --- the tracker this node serves ----------------------------------------------------------------
+
+
+def _render_tracker(request: HttpRequest, node: Node, form: TrackerSettingsForm) -> HttpResponse:
+    config = node.tracker_config()
+    try:
+        # Asked afresh on every visit: it also tells whether the stored settings still work.
+        account, account_error = node.tracker().sync_account(), ""
+    except TrackerError as e:
+        account, account_error = None, e.message
+    context = {
+        "node": node,
+        "kind_label": TRACKER_KINDS.get(node.tracker_kind, node.tracker_kind),
+        "config": {name: value for name, value in config.items() if name != "api_key"},
+        "api_key_set": bool(config.get("api_key")),
+        "maps": [
+            (TrackerSettingsForm.base_fields[name].label, tracker_settings.format_map(config.get(name, {})))
+            for name in tracker_settings.MAP_NAMES
+        ],
+        "account": account,
+        "account_error": account_error,
+        "form": form,
+        "can_change": is_admin(request.user),
+    }
+    return render(request, "connections/tracker.html", context)
+
+
+@staff_only
+@require_safe
+def tracker_settings_page(request: HttpRequest) -> HttpResponse:
+    node = Node.local()
+    return _render_tracker(request, node, TrackerSettingsForm.for_node(node))
+
+
+@admins_only
+@require_POST
+def tracker_settings_change(request: HttpRequest) -> HttpResponse:
+    node = Node.local()
+    form = TrackerSettingsForm(request.POST)
+    if form.is_valid():
+        try:
+            account = tracker_settings.save(node, **form.save_arguments())
+        except tracker_settings.TrackerSettingsError as e:
+            form.add_error(e.field if e.field in form.fields else None, capfirst(e.message))
+        else:
+            messages.success(
+                request,
+                f"Tracker settings saved. The sync writes as {account.name or account.id} "
+                f"and looks for changes every {node.poll_interval()} seconds.",
+            )
+            return redirect("connections:tracker")
+    return _render_tracker(request, node, form)
