@@ -88,7 +88,7 @@ class ConnectionAdmin(StaffViewsAdminChanges, admin.ModelAdmin):
         "poll_watermark",
         "created",
     )
-    fields = ("name", "project", "remote_url", *readonly_fields)
+    fields = ("name", "project", "remote_url", "conflict_policy", *readonly_fields)
     inlines = [TriggerInline]
     actions = ["activate", "deactivate"]
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}

@@ -58,6 +58,7 @@ class ConnectionSerializer(serializers.ModelSerializer):
             "remote_url",
             "project",
             "rules_version",
+            "conflict_policy",
             "tracker_problem",
             "last_contact",
             "created",
@@ -91,10 +92,26 @@ class ConnectionList(generics.ListAPIView):
     queryset = Connection.objects.select_related("active_rules").order_by("id")
 
 
+class ConnectionSettings(StrictSerializer):
+    conflict_policy = serializers.ChoiceField(choices=Connection.ConflictPolicy.choices, required=False)
+    name = serializers.CharField(max_length=100, required=False)
+
+
 class ConnectionDetail(generics.RetrieveAPIView):
+    """A connection; PATCH changes its name or conflict policy (admins)."""
+
     permission_classes = [StaffReadsAdminWrites]
     serializer_class = ConnectionSerializer
     queryset = Connection.objects.select_related("active_rules")
+
+    def patch(self, request, *args, **kwargs):
+        connection = self.get_object()
+        data = ConnectionSettings(data=request.data)
+        data.is_valid(raise_exception=True)
+        for name, value in data.validated_data.items():
+            setattr(connection, name, value)
+        connection.save(update_fields=list(data.validated_data))
+        return Response(ConnectionSerializer(connection).data)
 
 
 def _handshake_error(error: handshake.HandshakeError) -> Response:

@@ -85,6 +85,14 @@ class Connection(models.Model):
     # RESTRICT, not PROTECT: a version cannot be deleted alone while active, but deleting the
     # connection deletes its versions with it.
     active_rules = models.ForeignKey("RulesVersion", on_delete=models.RESTRICT, null=True, blank=True, related_name="+")
+
+    class ConflictPolicy(models.TextChoices):
+        REMOTE = "remote", "The other side's change wins"
+        LOCAL = "local", "This side's change wins"
+        NEWEST = "newest", "The newest change wins"
+
+    # How helpers.merge_fields settles a field changed on both sides since the last sync.
+    conflict_policy = models.CharField(max_length=10, choices=ConflictPolicy.choices, default=ConflictPolicy.REMOTE)
     # Polling: entities changed since this moment are looked at on the next pass.
     poll_watermark = models.DateTimeField(null=True, blank=True)
     polled_at = models.DateTimeField(null=True, blank=True)

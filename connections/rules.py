@@ -28,12 +28,16 @@ DEFAULT_INCOMING = """\
 if first_sync:
     issue.project = connection.project
     issue.type = replica.type or "Task"
-issue.summary = replica.summary
-issue.description = replica.description
-issue.status = helpers.map_value(replica.status, {}, default=replica.status)
-issue.priority = replica.priority
-issue.labels = replica.labels
-issue.assignee = helpers.find_user(replica.assignee)
+# Only what changed on the other side since the last sync is applied; a field changed on
+# both sides is settled by the connection's conflict policy and recorded.
+helpers.merge_fields(
+    summary=replica.summary,
+    description=replica.description,
+    status=helpers.map_value(replica.status, {}, default=replica.status),
+    priority=replica.priority,
+    labels=replica.labels,
+    assignee=helpers.find_user(replica.assignee),
+)
 helpers.merge_comments()
 helpers.merge_attachments()
 """
@@ -41,7 +45,11 @@ helpers.merge_attachments()
 
 # Fields only: the same mapping without comments and attachments.
 FIELDS_ONLY_OUTGOING = "".join(line + "\n" for line in DEFAULT_OUTGOING.splitlines() if "_to_send()" not in line)
-FIELDS_ONLY_INCOMING = "".join(line + "\n" for line in DEFAULT_INCOMING.splitlines() if "helpers.merge_" not in line)
+FIELDS_ONLY_INCOMING = "".join(
+    line + "\n"
+    for line in DEFAULT_INCOMING.splitlines()
+    if line not in ("helpers.merge_comments()", "helpers.merge_attachments()")
+)
 
 # The rules a new connection can start from: name -> (label, outgoing, incoming).
 TEMPLATES = {

@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 from connections.api import StaffReadsAdminWrites, StrictSerializer
 from connections.models import Connection, Trigger
 from syncqueue import flow, monitor, triggers
-from syncqueue.models import SyncEvent, Twin
+from syncqueue.models import Conflict, SyncEvent, Twin
 from trackers.base import NotFound, TrackerError
 
 
@@ -92,15 +92,35 @@ class EventSerializer(serializers.ModelSerializer):
         ]
 
 
+class ConflictSerializer(serializers.ModelSerializer):
+    event = serializers.IntegerField(source="event_id", default=None)
+
+    class Meta:
+        model = Conflict
+        fields = ["id", "field", "base", "local", "remote", "chosen", "policy", "event", "created"]
+
+
 class TwinDetailSerializer(TwinSerializer):
     events = serializers.SerializerMethodField()
+    conflicts = serializers.SerializerMethodField()
 
     class Meta(TwinSerializer.Meta):
-        fields = [*TwinSerializer.Meta.fields, "last_sent", "last_received", "comment_map", "attachment_map", "events"]
+        fields = [
+            *TwinSerializer.Meta.fields,
+            "last_sent",
+            "last_received",
+            "comment_map",
+            "attachment_map",
+            "events",
+            "conflicts",
+        ]
 
     def get_events(self, twin) -> list:
         recent = twin.events.select_related("rules_version").order_by("-id")[:50]
         return EventSerializer(recent, many=True).data
+
+    def get_conflicts(self, twin) -> list:
+        return ConflictSerializer(twin.conflicts.order_by("-id")[:50], many=True).data
 
 
 class TwinDetail(generics.RetrieveAPIView):

@@ -21,7 +21,7 @@ from django.utils import timezone
 from connections.models import Connection, Node
 from connections.scripting import ScriptError, StopSync
 from syncqueue import processors, transport
-from syncqueue.models import SyncEvent, Twin
+from syncqueue.models import Conflict, SyncEvent, Twin
 from syncqueue.replica import replica_hash
 from trackers.base import Tracker, TrackerError
 
@@ -396,6 +396,9 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
             ),
         )
         twin.local_key = written.key
+        if plan.merge_base is not None:
+            twin.merge_base = plan.merge_base
+        Conflict.objects.bulk_create(Conflict(twin=twin, event=event, **found) for found in plan.conflicts)
         twin.last_received = replica
         twin.last_received_hash = replica_hash(replica)
         twin.in_seq = event.seq

@@ -45,6 +45,8 @@ class Twin(models.Model):
     last_checked = models.DateTimeField(null=True, blank=True)
     # Updates sent in a row right after the sync's own write changed the entity: a loop if it grows.
     bounces = models.PositiveSmallIntegerField(default=0)
+    # helpers.merge_fields: the other side's values (in local terms) at the last merge.
+    merge_base = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -126,3 +128,23 @@ class TrackerState(models.Model):
 
     def __str__(self) -> str:
         return self.problem or "working"
+
+
+class Conflict(models.Model):
+    """A field both sides changed since the last sync, and how the connection's policy settled it."""
+
+    twin = models.ForeignKey(Twin, on_delete=models.CASCADE, related_name="conflicts")
+    event = models.ForeignKey("SyncEvent", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    field = models.CharField(max_length=40)
+    base = models.JSONField(null=True, blank=True)
+    local = models.JSONField(null=True, blank=True)
+    remote = models.JSONField(null=True, blank=True)
+    chosen = models.CharField(max_length=10, choices=[("local", "Local value kept"), ("remote", "Remote value taken")])
+    policy = models.CharField(max_length=10)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.field} of {self.twin}: {self.chosen}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from connections.models import Connection, RulesVersion
@@ -86,6 +87,10 @@ class IncomingPlan:
     # ("add", remote_id, attachment dict) | ("link", remote_id, local_id) | ("remove", remote_id, local_id)
     attachments: list[tuple] = field(default_factory=list)
     debug: list[str] = field(default_factory=list)
+    # merge_fields: the base for the next merge (None: the rules did not merge), and the
+    # fields both sides changed, each {"field", "base", "local", "remote", "chosen", "policy"}.
+    merge_base: dict[str, Any] | None = None
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -105,9 +110,18 @@ class Helpers:
         remote_name="",
         scope="",
         find_user: Callable[[Any], str | None] | None = None,
+        merge_base: Mapping[str, Any] | None = None,
+        policy: str = "remote",
+        remote_newer: bool = True,
     ):
         self._entity = entity
         self._scope = scope
+        self._issue = None  # the script's writable issue, set by plan_incoming
+        self._base = dict(merge_base or {})
+        self._policy = policy
+        self._remote_newer = remote_newer
+        self._merged = False
+        self._conflicts: list[dict[str, Any]] = []
         self._replica = replica
         self._comment_map = dict(comment_map or {})
         self._attachment_map = dict(attachment_map or {})
@@ -203,6 +217,44 @@ class Helpers:
             if remote_id not in seen and local_id in local:
                 self._attachment_ops.append(("remove", remote_id, local_id))
 
+    def merge_fields(self, **fields) -> None:
+        """Apply what the other side changed since the last sync, field by field (a three-way merge).
+
+        Each argument names a local field and gives the other side's value in local terms
+        (mapped already). The base is that same value from the last merge. A field the
+        other side did not change is left alone, so an edit made here is not overwritten;
+        a field changed on both sides to different values is a conflict, settled by the
+        connection's policy and recorded.
+        """
+        if self._issue is None:
+            raise TypeError("merge_fields is for the incoming rules")
+        for name, value in fields.items():
+            if name not in WRITABLE:
+                raise ValueError(f"merge_fields cannot set {name!r} (it sets: {', '.join(WRITABLE)})")
+            remote = to_plain(value)
+            local = _local_value(self._entity, name)
+            self._merged = True
+            if name not in self._base:
+                self._issue[name] = to_script(remote)  # no base yet: take theirs, as a plain assignment would
+            elif remote != self._base[name] and remote != local:
+                if local == self._base[name]:
+                    self._issue[name] = to_script(remote)
+                else:
+                    take_remote = self._policy == "remote" or (self._policy == "newest" and self._remote_newer)
+                    if take_remote:
+                        self._issue[name] = to_script(remote)
+                    self._conflicts.append(
+                        {
+                            "field": name,
+                            "base": self._base[name],
+                            "local": local,
+                            "remote": remote,
+                            "chosen": "remote" if take_remote else "local",
+                            "policy": self._policy,
+                        }
+                    )
+            self._base[name] = remote
+
     def find_user(self, person) -> str | None:
         """The local user id matching a remote person (by email, then id), or None."""
         if not person or self._find_user is None:
@@ -225,6 +277,13 @@ class Helpers:
 
     def debug(self, *values) -> None:
         self._log.debug(*values)
+
+
+def _local_value(view: Mapping[str, Any], name: str) -> Any:
+    value = view[name]
+    if name == "assignee":
+        return value["id"] if value else None
+    return to_plain(value)
 
 
 def marker_scope(connection: Connection) -> str:
@@ -275,7 +334,11 @@ def plan_incoming(
         remote_name=connection.remote_name,
         scope=marker_scope(connection),
         find_user=find_user,
+        merge_base=twin.merge_base if twin else None,
+        policy=connection.conflict_policy,
+        remote_newer=_remote_is_newer(replica, entity),
     )
+    helpers._issue = issue
     printed = run_script(
         _script(rules, "incoming"),
         {
@@ -305,7 +368,22 @@ def plan_incoming(
         comments=helpers._comment_ops,
         attachments=helpers._attachment_ops,
         debug=printed,
+        merge_base=helpers._base if helpers._merged else None,
+        conflicts=helpers._conflicts,
     )
+
+
+def _remote_is_newer(replica: Mapping[str, Any], entity: Entity | None) -> bool:
+    """For "newest wins": whether the other side's entity changed after ours (its replica's ``updated``)."""
+    if entity is None or entity.updated is None:
+        return True
+    try:
+        remote = datetime.fromisoformat(str(replica.get("updated")))
+    except ValueError:
+        return True  # the other side does not say: its message is the newer news
+    if remote.tzinfo is None:
+        return True
+    return remote >= entity.updated
 
 
 def create_entity(tracker: Tracker, plan: IncomingPlan) -> Entity:

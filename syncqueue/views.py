@@ -191,6 +191,7 @@ def twin_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "last_received": monitor.pretty_json(twin.last_received) if twin.last_received is not None else "",
         "comment_map": sorted(twin.comment_map.items()),
         "attachment_map": sorted(twin.attachment_map.items()),
+        "conflicts": twin.conflicts.order_by("-id")[:20],
         "page": monitor.CappedPaginator(timeline, monitor.EVENTS_PER_PAGE).get_page(request.GET.get("page")),
         "here": request.get_full_path(),
     }

@@ -87,6 +87,7 @@ def test_alice_edits_name_and_trigger(as_alice, connection, project):
         "name": "Red 2",
         "project": "BLUE",
         "remote_url": "http://red.example",
+        "conflict_policy": "newest",
         "triggers-TOTAL_FORMS": "1",
         "triggers-INITIAL_FORMS": "0",
         "triggers-MIN_NUM_FORMS": "0",
@@ -101,7 +102,7 @@ def test_alice_edits_name_and_trigger(as_alice, connection, project):
     assert r.status_code == 302, r.content.decode()[:3000]
     connection.refresh_from_db()
     assert connection.name == "Red 2" and connection.secret == "s3cr3t" * 10
-    assert connection.status == "active"
+    assert (connection.status, connection.conflict_policy) == ("active", "newest")
     assert Trigger.objects.get().query == "project:BLUE"
 
 

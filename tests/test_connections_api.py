@@ -499,3 +499,26 @@ def test_it_invites_with_a_chosen_rules_template_and_refuses_an_unknown_one(alic
     assert "merge_comments" not in connection.active_rules.incoming
     refused = alice_api.post(f"{API}/connections/invitations/", {"name": "G", "rules_template": "x"}, format="json")
     assert_error(refused, 400, "rules_template")
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def test_admins_set_the_conflict_policy(connection, alice_api, bob_api):
+    url = f"{API}/connections/{connection.pk}/"
+    assert bob_api.get(url).json()["conflict_policy"] == "remote"
+    assert_error(bob_api.patch(url, {"conflict_policy": "local"}, format="json"), 403, text="only administrators")
+    answer = alice_api.patch(url, {"conflict_policy": "newest"}, format="json")
+    assert answer.status_code == 200 and answer.json()["conflict_policy"] == "newest"
+    connection.refresh_from_db()
+    assert connection.conflict_policy == "newest"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"conflict_policy": "loudest"}, "conflict_policy"), ({"secret": "x"}, "secret"), ({"name": ""}, "name")],
+)
+def test_it_refuses_bad_connection_settings(body, field, connection, alice_api):
+    assert_error(alice_api.patch(f"{API}/connections/{connection.pk}/", body, format="json"), 400, field=field)
+    connection.refresh_from_db()
+    assert (connection.conflict_policy, connection.name, connection.secret) == ("remote", "Red", "a" * 64)

@@ -15,6 +15,8 @@ from syncqueue import flow, health, monitor, tasks
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import Red, blue_issue, connect_red, tracker, use_rules, work
 from trackers.base import TrackerUnavailable
+from trackers.builtin import actions
+from trackers.builtin.models import Issue
 
 pytestmark = pytest.mark.django_db
 
@@ -485,3 +487,16 @@ def test_staff_see_on_the_sync_pages_why_the_tracker_cannot_be_used(red, as_bob,
     health.tracker_ok()
     assert 'id="tracker-problem"' not in as_bob.get(MONITOR).content.decode()
     assert bob_api.get(f"/api/v1/connections/{red.connection.pk}/").json()["tracker_problem"] is None
+
+
+def test_the_twin_page_shows_its_conflicts(red, alice, as_bob):
+    red.send(red.update(summary="Made on Red"))
+    work()
+    issue = Issue.objects.get(key=red.twin().local_key)
+    actions.update_issue(issue, {"summary": "Blue's title"}, actor=alice)
+    red.send(red.update(summary="Red's title"))
+    work()
+    page = as_bob.get(reverse("sync:twin", args=[red.twin().pk])).content.decode()
+    conflicts = page.split('id="conflicts-heading"')[1].split("</section>")[0]
+    for shown in ("summary", "Made on Red", "Blue&#x27;s title", "Red&#x27;s title", "Remote value taken"):
+        assert shown in conflicts

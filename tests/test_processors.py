@@ -161,6 +161,75 @@ def test_it_prints_debug_lines_into_the_plan(red):
     assert plan(red, replica(summary="Hi")).debug == ["saw Hi"]
 
 
+# --- incoming: the three-way merge of fields ----------------------------------------------------
+
+
+def merged_twin(connection, issue, **base) -> Twin:
+    """A twin whose last merge saw the other side holding ``base`` (in local terms)."""
+    return twin_of(connection, issue.key, merge_base={"summary": "Base", "description": "", **base})
+
+
+def test_merge_takes_what_only_the_other_side_changed(red, alice):
+    issue = blue_issue(alice, summary="Base")
+    planned = plan(red, replica(summary="Renamed on Red"), issue.key, merged_twin(red, issue))
+    assert (planned.fields, planned.conflicts) == ({"summary": "Renamed on Red"}, [])
+    assert planned.merge_base["summary"] == "Renamed on Red"
+
+
+def test_merge_keeps_what_only_this_side_changed(red, alice):
+    issue = blue_issue(alice, summary="Renamed on Blue")
+    planned = plan(red, replica(summary="Base"), issue.key, merged_twin(red, issue))
+    assert "summary" not in planned.fields, "a stale value from the other side does not overwrite an edit here"
+    assert planned.conflicts == []
+
+
+def test_merge_sees_no_conflict_when_both_sides_made_the_same_change(red, alice):
+    issue = blue_issue(alice, summary="Same")
+    planned = plan(red, replica(summary="Same"), issue.key, merged_twin(red, issue))
+    assert (planned.fields.get("summary"), planned.conflicts) == (None, [])
+
+
+@pytest.mark.parametrize(
+    ("policy", "remote_updated", "chosen"),
+    [
+        ("remote", None, "remote"),
+        ("local", None, "local"),
+        ("newest", "2999-01-01T00:00:00+00:00", "remote"),
+        ("newest", "2000-01-01T00:00:00+00:00", "local"),
+    ],
+)
+def test_merge_settles_a_field_changed_on_both_sides_by_the_policy(red, alice, policy, remote_updated, chosen):
+    red.conflict_policy = policy
+    issue = blue_issue(alice, summary="Blue's")
+    remote = replica(summary="Red's", **({"updated": remote_updated} if remote_updated else {}))
+    planned = plan(red, remote, issue.key, merged_twin(red, issue))
+    assert planned.conflicts == [
+        {"field": "summary", "base": "Base", "local": "Blue's", "remote": "Red's", "chosen": chosen, "policy": policy}
+    ]
+    assert planned.fields.get("summary") == ("Red's" if chosen == "remote" else None)
+    assert planned.merge_base["summary"] == "Red's", "the next merge compares with what Red holds now"
+
+
+def test_merge_takes_everything_where_there_is_no_base_yet(red, alice):
+    issue = blue_issue(alice, summary="Blue's", priority="High")
+    planned = plan(red, replica(summary="Red's", priority="Low"), issue.key, twin_of(red, issue.key))
+    assert planned.fields["summary"] == "Red's" and planned.fields["priority"] == "Low"
+    assert planned.conflicts == []
+
+
+def test_merge_refuses_a_field_it_cannot_set(red, alice):
+    use_rules(red, incoming="helpers.merge_fields(key='X')")
+    issue = blue_issue(alice)
+    with pytest.raises(ScriptError, match="merge_fields cannot set 'key'"):
+        plan(red, replica(), issue.key, twin_of(red, issue.key))
+
+
+def test_merge_is_for_the_incoming_rules_only(red, alice):
+    use_rules(red, outgoing="helpers.merge_fields(summary='x')")
+    with pytest.raises(ScriptError, match="merge_fields is for the incoming rules"):
+        outgoing_replica(red, blue_issue(alice).key)
+
+
 # --- incoming: comments -----------------------------------------------------------------------
 
 
