@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -147,8 +146,7 @@ def sweep(connection: Connection, tracker: Tracker, batch: int = SWEEP_BATCH) ->
 
 
 def poll_interval() -> int:
-    node = Node.local()
-    return getattr(node, "poll_seconds", None) or settings.SYNC_POLL_SECONDS
+    return Node.local().poll_interval()
 
 
 def poll_due() -> int:

@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 from django.utils import timezone
 
+from connections.models import Node
 from syncqueue import flow, health, tasks, triggers
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import blue_issue, connect_red, tracker
@@ -127,3 +128,9 @@ def test_an_unreachable_tracker_is_recorded_and_cleared_when_it_answers(red, ali
 def test_the_poll_interval_comes_from_the_settings_by_default(red, settings):
     settings.SYNC_POLL_SECONDS = 45
     assert triggers.poll_interval() == 45
+
+
+def test_the_node_sets_its_own_poll_interval(red):
+    Node.local()
+    Node.objects.update(poll_seconds=7)
+    assert triggers.poll_interval() == 7
