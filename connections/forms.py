@@ -28,7 +28,27 @@ class ProjectChoiceField(forms.ModelChoiceField):
         return project.key if project else ""
 
 
-class InvitationForm(forms.Form):
+class LocalProjectForm(forms.Form):
+    """A node serving another tracker (Redmine) names its project instead of choosing a built-in one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        node = Node.local()
+        if node.tracker_kind != "builtin":
+            self.fields["project"] = forms.CharField(
+                label="Local project",
+                max_length=50,
+                initial=node.tracker_config().get("project", ""),
+                help_text=f"The {node.tracker_kind} project new issues from the other side are created in.",
+            )
+
+
+def has_projects() -> bool:
+    """Whether a first sync has somewhere to create issues (a node serving another tracker always has)."""
+    return Node.local().tracker_kind != "builtin" or Project.objects.exists()
+
+
+class InvitationForm(LocalProjectForm):
     name = forms.CharField(max_length=100, help_text="What this node calls the connection, e.g. the other team.")
     project = ProjectChoiceField(label="Local project")
     hours_valid = forms.IntegerField(
@@ -51,7 +71,7 @@ class InvitationForm(forms.Form):
         return _template_or_default(self)
 
 
-class AcceptForm(forms.Form):
+class AcceptForm(LocalProjectForm):
     code = forms.CharField(
         label="Invitation code",
         max_length=4000,

@@ -17,10 +17,16 @@ from django.views.decorators.http import require_http_methods, require_POST, req
 
 from connections import handshake, lifecycle, tracker_settings
 from connections.access import admins_only, is_admin, staff_only
-from connections.forms import TRACKER_KINDS, AcceptForm, InvitationForm, TrackerSettingsForm, TriggerForm
+from connections.forms import (
+    TRACKER_KINDS,
+    AcceptForm,
+    InvitationForm,
+    TrackerSettingsForm,
+    TriggerForm,
+    has_projects,
+)
 from connections.models import Connection, Invitation, Node, Trigger
 from trackers.base import TrackerError
-from trackers.builtin.models import Project
 
 require_form_methods = require_http_methods(["GET", "HEAD", "POST"])
 
@@ -102,7 +108,7 @@ def connection_new(request: HttpRequest) -> HttpResponse:
                 "not_reachable": form.cleaned_data["not_reachable"],
             }
             return redirect("connections:invitation", pk=connection.pk)
-    return render(request, "connections/new.html", {"form": form, "has_projects": Project.objects.exists()})
+    return render(request, "connections/new.html", {"form": form, "has_projects": has_projects()})
 
 
 @admins_only
@@ -142,7 +148,7 @@ def connection_accept(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(request, f"Connected to {connection.remote_name}. The connection is active.")
             return _to_detail(connection)
-    return render(request, "connections/accept.html", {"form": form, "has_projects": Project.objects.exists()})
+    return render(request, "connections/accept.html", {"form": form, "has_projects": has_projects()})
 
 
 # --- buttons on a connection's page ------------------------------------------------------------

@@ -522,3 +522,13 @@ def test_it_refuses_an_unknown_rules_template(client, alice, project):
     assert response.status_code == 200
     assert "rules_template" in response.context["form"].errors
     assert not Connection.objects.exists()
+
+
+def test_a_node_serving_redmine_names_its_project_instead_of_choosing_a_built_in_one(alice, as_alice):
+    Node.local()
+    Node.objects.update(tracker_kind="redmine", tracker_settings='{"project": "synctest"}')
+    page = as_alice.get(_url("new"))
+    assert 'name="project" value="synctest"' in page.content.decode(), "no built-in project is needed"
+    response = as_alice.post(_url("new"), {"name": "Green", "project": "synctest", "hours_valid": "48"})
+    assert response.status_code == 302
+    assert Connection.objects.get().project == "synctest"
