@@ -14,5 +14,6 @@ class SyncqueueConfig(AppConfig):
         post_migrate.connect(tasks.ensure_schedule, sender=self)
         triggers.connect()
         panels.register(views.issue_panel)
+        panels.register_elsewhere(views.issue_elsewhere)
         # What a deactivated connection collected goes out as soon as it is active again.
         connection_activated.connect(tasks.on_connection_activated, dispatch_uid="syncqueue.activated")

@@ -18,7 +18,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST, require_safe
 
 from connections.access import staff_only
-from connections.models import Connection
+from connections.models import Connection, Node
 from syncqueue import flow, monitor
 from syncqueue.models import SyncEvent, Twin
 from trackers.base import TrackerError
@@ -41,6 +41,17 @@ def _back(request: HttpRequest, fallback: str) -> HttpResponse:
     if url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
         return redirect(target)
     return redirect(fallback)
+
+
+def issue_elsewhere(key: str) -> str:
+    """On a node serving another tracker, that tracker's page of ``key`` (so issue links work on every node)."""
+    if Node.local().tracker_kind == "builtin":
+        return ""
+    try:
+        web_url = getattr(flow.local_tracker(), "web_url", None)
+        return web_url(key) if web_url else ""
+    except TrackerError:
+        return ""
 
 
 def _twin_home(twin: Twin) -> str:

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from connections import handshake, rules
 from connections.models import Connection, Node, Trigger
+from syncqueue import flow
 from syncqueue.models import SyncEvent, Twin
 from tests.test_handshake import Acceptor, RemoteInitiator
 from trackers.builtin import actions
@@ -532,3 +533,14 @@ def test_a_node_serving_redmine_names_its_project_instead_of_choosing_a_built_in
     response = as_alice.post(_url("new"), {"name": "Green", "project": "synctest", "hours_valid": "48"})
     assert response.status_code == 302
     assert Connection.objects.get().project == "synctest"
+
+
+def test_issue_links_on_a_node_serving_another_tracker_lead_to_that_tracker(alice, as_alice, client):
+    Node.local()
+    Node.objects.update(tracker_kind="redmine", tracker_settings='{"project": "synctest"}')
+    redmine = mock.Mock(web_url=lambda key: f"https://redmine.example/issues/{key}")
+    with mock.patch.object(flow, "local_tracker", return_value=redmine):
+        response = as_alice.get("/issues/42/")
+    assert (response.status_code, response["Location"]) == (302, "https://redmine.example/issues/42")
+    assert client.get("/issues/42/").status_code == 302
+    assert "login" in client.get("/issues/42/")["Location"], "only for people who are logged in"

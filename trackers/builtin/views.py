@@ -113,7 +113,14 @@ def issue_list(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_safe
 def issue_detail(request: HttpRequest, key: str) -> HttpResponse:
-    return _render_detail(request, _issue(key, full=True))
+    try:
+        issue = _issue(key, full=True)
+    except Http404:
+        elsewhere = panels.page_elsewhere(key)
+        if elsewhere:
+            return redirect(elsewhere)
+        raise
+    return _render_detail(request, issue)
 
 
 @login_required
