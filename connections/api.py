@@ -58,6 +58,7 @@ class ConnectionSerializer(serializers.ModelSerializer):
             "remote_url",
             "project",
             "rules_version",
+            "pulls",
             "conflict_policy",
             "tracker_problem",
             "last_contact",
@@ -84,6 +85,11 @@ class AcceptInput(StrictSerializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
     project = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
     rules_template = serializers.ChoiceField(choices=list(rules.TEMPLATES), required=False, default="default")
+    private = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="This node cannot be reached from the other node: it pulls its messages from there.",
+    )
 
 
 class ConnectionList(generics.ListAPIView):
@@ -153,6 +159,7 @@ class AcceptInvitation(APIView):
                 project=data.validated_data["project"],
                 author=request.user,
                 template=data.validated_data["rules_template"],
+                private=data.validated_data["private"],
             )
         except handshake.HandshakeError as e:
             return _handshake_error(e)

@@ -87,6 +87,11 @@ class AcceptForm(LocalProjectForm):
         required=False,
         help_text="Each side keeps its own rules; edit them any time in the rule editor.",
     )
+    private = forms.BooleanField(
+        label="This node is not reachable from the other node",
+        required=False,
+        help_text="For example behind a firewall or on a laptop: this node then fetches its messages from the other.",
+    )
 
     def clean_rules_template(self) -> str:
         return _template_or_default(self)

@@ -161,9 +161,13 @@ def create_invitation(name: str, *, project: str = "", author=None, hours: int =
 
 
 def accept_invitation(
-    code: str, *, name: str = "", project: str = "", author=None, template: str = "default"
+    code: str, *, name: str = "", project: str = "", author=None, template: str = "default", private: bool = False
 ) -> Connection:
-    """Complete the pairing from this side; returns the active connection."""
+    """Complete the pairing from this side; returns the active connection.
+
+    ``private`` (or a node without a public URL): the other node cannot reach this one, so
+    this side pulls its messages from there and uploads the attachment bytes it sends.
+    """
     _check_template(template)
     invitation = parse_code(code)
     node = Node.local()
@@ -179,7 +183,7 @@ def accept_invitation(
         "connection": invitation.connection_uuid,
         "node_id": str(node.node_id),
         "name": node.name,
-        "url": node.url,
+        "url": "" if private or not node.url else node.url,
         "public_key": public,
         "proof": proof(secret, "accept", invitation.connection_uuid, str(node.node_id), public),
     }
@@ -197,6 +201,7 @@ def accept_invitation(
             remote_name=invitation.node_name,
             remote_node_id=invitation.node_id,
             remote_url=invitation.url,
+            pulls=private or not node.url,
             secret=secret,
             last_contact=timezone.now(),
         )

@@ -79,6 +79,9 @@ class Connection(models.Model):
     remote_node_id = models.UUIDField(null=True, blank=True)
     # Blank when the remote is private (not reachable): it pulls from us instead.
     remote_url = models.URLField(max_length=300, blank=True)
+    # This side is private (the remote cannot reach it): it pulls its messages from the remote
+    # and uploads the attachment bytes the remote will need.
+    pulls = models.BooleanField(default=False)
     secret = EncryptedTextField(blank=True, default="")
     # Where first syncs of remote entities create local ones (the built-in tracker's project key).
     project = models.CharField(max_length=50, blank=True)

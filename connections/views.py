@@ -141,6 +141,7 @@ def connection_accept(request: HttpRequest) -> HttpResponse:
                 project=form.cleaned_data["project"],
                 author=request.user,
                 template=form.cleaned_data["rules_template"],
+                private=form.cleaned_data["private"],
             )
         except handshake.HandshakeError as e:
             # 502: the other node did not answer or refused; anything else is about the code itself.

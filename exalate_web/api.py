@@ -87,7 +87,7 @@ def body_too_large(request) -> JsonResponse | None:
         length = int(declared or 0)
     except ValueError:
         return JsonResponse(error_body("Invalid Content-Length header."), status=400)
-    if request.content_type == "multipart/form-data":
+    if request.content_type in ("multipart/form-data", "application/octet-stream"):
         limit = settings.TRACKER_MAX_ATTACHMENT_BYTES + 1024 * 1024
     else:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE

@@ -38,6 +38,8 @@ api_v1 = [
     path("node/handshake/", node_api.handshake_view, name="node-handshake"),
     path("node/messages/", node_api.messages_view, name="node-messages"),
     path("node/attachments/<str:sha256>/", node_api.attachment_view, name="node-attachment"),
+    path("node/pull/", node_api.pull_view, name="node-pull"),
+    path("node/blobs/<str:sha256>/", node_api.blob_view, name="node-blob"),
 ]
 
 urlpatterns = [

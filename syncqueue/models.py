@@ -148,3 +148,43 @@ class Conflict(models.Model):
 
     def __str__(self) -> str:
         return f"{self.field} of {self.twin}: {self.chosen}"
+
+
+class Blob(models.Model):
+    """Attachment bytes a private remote uploaded ahead of the messages that name them (it cannot be fetched from)."""
+
+    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="+")
+    sha256 = models.CharField(max_length=64)
+    content = models.BinaryField()
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["connection", "sha256"], name="blob_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]} from {self.connection_id}"
+
+
+class UploadedBlob(models.Model):
+    """On a private node: attachment bytes already uploaded to the remote, so they go once."""
+
+    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="+")
+    sha256 = models.CharField(max_length=64)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["connection", "sha256"], name="uploaded_blob_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]} to {self.connection_id}"
+
+
+class Lease(models.Model):
+    """A named job one process runs at a time across the cluster (the tick), until ``expires``."""
+
+    name = models.CharField(max_length=50, unique=True)
+    owner = models.CharField(max_length=100, blank=True)
+    expires = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.owner or 'nobody'} until {self.expires:%H:%M:%S}"

@@ -7,21 +7,23 @@ replayed request gets 401 and changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import FileResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from connections import handshake, signing
 from connections.models import Connection, SeenNonce
 from exalate_web.api import error_body
-from syncqueue import flow
-from syncqueue.models import Twin
+from syncqueue import flow, worker
+from syncqueue.models import Blob, Twin
 from trackers.base import TrackerError
 
 MAX_MESSAGES = 500
@@ -38,8 +40,8 @@ def _error(message: str, status: int) -> JsonResponse:
     return JsonResponse(error_body(message), status=status)
 
 
-def authenticate(request) -> Connection:
-    """The connection that signed ``request``, or Refused."""
+def authenticate(request, body: bytes | None = None) -> Connection:
+    """The connection that signed ``request`` (whose body is ``body`` when already read), or Refused."""
     try:
         signed = signing.read_headers(request.headers)
     except signing.SignatureError as e:
@@ -48,7 +50,9 @@ def authenticate(request) -> Connection:
     if connection is None or not connection.secret:
         raise Refused("unknown connection")
     try:
-        signing.verify(connection.secret, signed, request.method, request.get_full_path(), request.body)
+        signing.verify(
+            connection.secret, signed, request.method, request.get_full_path(), request.body if body is None else body
+        )
     except signing.SignatureError as e:
         raise Refused(str(e)) from None
     try:
@@ -129,3 +133,56 @@ def attachment_view(request, sha256: str):
         return FileResponse(attachment.open(), content_type="application/octet-stream")
     except TrackerError as e:
         return _error(str(e), 404 if e.permanent else 503)
+
+
+# --- private remotes ---------------------------------------------------------------------------
+
+
+@csrf_exempt
+@require_POST
+def pull_view(request):
+    """A private remote fetches its messages: it confirms what it stored from the last pull, gets the next."""
+    try:
+        connection = authenticate(request)
+    except Refused as e:
+        return _error(e.message, e.status)
+    if connection.remote_url:
+        return _error("This connection's remote is reachable; messages are pushed to it.", 409)
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        return _error("The body must be JSON.", 400)
+    confirmed = body.get("confirmed") if isinstance(body, dict) else None
+    if (
+        not isinstance(confirmed, list)
+        or len(confirmed) > MAX_MESSAGES
+        or not all(isinstance(i, str) for i in confirmed)
+    ):
+        return _error(f'Expected {{"confirmed": [message ids]}} with at most {MAX_MESSAGES} ids.', 400)
+    events = worker.claim_for_pull(connection, confirmed)
+    Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now(), status_detail="")
+    return JsonResponse({"messages": [flow.message_of(e) for e in events]})
+
+
+@csrf_exempt
+@require_http_methods(["PUT"])
+def blob_view(request, sha256: str):
+    """A private remote uploads attachment bytes ahead of the messages that name them."""
+    if not _SHA256.match(sha256):
+        return _error("Give the attachment's sha256 (64 hex digits).", 400)
+    limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
+    content = request.read(limit + 1)
+    if len(content) > limit:
+        return _error(f"Attachments are limited to {limit} bytes.", 413)
+    try:
+        connection = authenticate(request, content)
+    except Refused as e:
+        return _error(e.message, e.status)
+    if hashlib.sha256(content).hexdigest() != sha256:
+        return _error("The bytes do not match the sha256 in the URL.", 400)
+    try:
+        with transaction.atomic():
+            Blob.objects.get_or_create(connection=connection, sha256=sha256, defaults={"content": content})
+    except IntegrityError:
+        pass  # uploaded twice at once: one copy is kept
+    return JsonResponse({"stored": sha256})

@@ -2,18 +2,24 @@
 
 ``kick`` enqueues ``work`` at most a few times a second per process; ``tick`` runs every
 minute from a django-q2 schedule and, for most of that minute, retries due events,
-reclaims expired leases and polls trackers, so nothing waits long for the next kick.
+reclaims expired leases, polls trackers and pulls from remotes (on a private node), so
+nothing waits long for the next kick. One tick runs at a time across all clusters (a
+lease in the database), and ``runnode`` starts one at once instead of waiting for the
+scheduler.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 from django.core.cache import cache
+from django.utils import timezone
 from django_q.tasks import async_task
 
 from syncqueue import worker
+from syncqueue.models import Lease
 
 log = logging.getLogger(__name__)
 KICK_KEY = "syncqueue:kick"
@@ -38,6 +44,9 @@ def work() -> int:
 def tick() -> int:
     from syncqueue import triggers
 
+    owner = worker.worker_id()
+    if not take_lease(TICK_LEASE, owner, TICK_SECONDS + 10):
+        return 0  # another tick runs (one started with the node, and the schedule fired too)
     handled = 0
     deadline = time.monotonic() + TICK_SECONDS
     while time.monotonic() < deadline:
@@ -48,7 +57,26 @@ def tick() -> int:
         handled += worker.drain(budget_seconds=max(0.0, deadline - time.monotonic()))
         time.sleep(TICK_PAUSE)
     worker.cleanup()
+    Lease.objects.filter(name=TICK_LEASE, owner=owner).update(expires=timezone.now())
     return handled
+
+
+TICK_LEASE = "tick"
+
+
+def take_lease(name: str, owner: str, seconds: float) -> bool:
+    """Whether ``owner`` now holds lease ``name`` (free, or expired) for ``seconds``."""
+    now = timezone.now()
+    Lease.objects.get_or_create(name=name)
+    return bool(
+        Lease.objects.filter(name=name, expires__lte=now).update(owner=owner, expires=now + timedelta(seconds=seconds))
+    )
+
+
+def start() -> None:
+    """At node start: begin a tick now rather than when the schedule next fires (up to a minute or so)."""
+    Lease.objects.filter(name=TICK_LEASE).update(expires=timezone.now())  # its holder died with the old cluster
+    async_task("syncqueue.tasks.tick", task_name="syncqueue tick", save=False)
 
 
 def ensure_schedule(**kwargs) -> None:

@@ -20,6 +20,8 @@ from connections.models import Connection
 
 MESSAGES_PATH = "/api/v1/node/messages/"
 ATTACHMENTS_PATH = "/api/v1/node/attachments/"
+PULL_PATH = "/api/v1/node/pull/"
+BLOBS_PATH = "/api/v1/node/blobs/"
 TIMEOUT = (5, 30)  # connect, read
 _local = threading.local()
 
@@ -40,12 +42,20 @@ def _session() -> requests.Session:
     return session
 
 
-def _request(connection: Connection, method: str, path: str, body: bytes = b"", *, stream: bool = False):
+def _request(
+    connection: Connection,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    stream: bool = False,
+    content_type: str = "application/json",
+):
     if not connection.remote_url:
         raise RemoteError("the remote node has no URL (it is private and pulls its messages)", permanent=False)
     headers = signing.sign(connection.secret, str(connection.uuid), method, path, body)
     if body:
-        headers["Content-Type"] = "application/json"
+        headers["Content-Type"] = content_type
     url = connection.remote_url.rstrip("/") + path
     try:
         response = _session().request(method, url, data=body or None, headers=headers, timeout=TIMEOUT, stream=stream)
@@ -84,8 +94,28 @@ def post_messages(connection: Connection, messages: list[dict[str, Any]]) -> dic
     return answer
 
 
+def pull_messages(connection: Connection, confirmed: list[str]) -> list[dict[str, Any]]:
+    """From a private node: confirm what we stored from the last pull and fetch the next messages."""
+    body = json.dumps({"confirmed": confirmed}, separators=(",", ":")).encode()
+    response = _request(connection, "POST", PULL_PATH, body)
+    try:
+        answer = response.json()
+    except ValueError:
+        raise RemoteError("the remote node answered something that is not JSON") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("messages"), list):
+        raise RemoteError("the remote node's answer lacks the messages")
+    return answer["messages"]
+
+
+def upload_blob(connection: Connection, sha256: str, content: bytes) -> None:
+    """From a private node: attachment bytes the remote cannot fetch from us, ahead of the message naming them."""
+    _request(connection, "PUT", f"{BLOBS_PATH}{sha256}/", content, content_type="application/octet-stream")
+
+
 def fetch_attachment(connection: Connection, key: str, sha256: str, max_bytes: int) -> bytes:
     """The bytes of the sender's attachment with this hash on entity ``key``, checked against the hash."""
+    if not connection.remote_url:
+        return _uploaded_blob(connection, sha256)
     path = f"{ATTACHMENTS_PATH}{sha256}/?key={requests.utils.quote(key)}"
     response = _request(connection, "GET", path, stream=True)
     digest, chunks, size = hashlib.sha256(), [], 0
@@ -99,3 +129,13 @@ def fetch_attachment(connection: Connection, key: str, sha256: str, max_bytes: i
     if digest.hexdigest() != sha256:
         raise RemoteError(f"attachment {sha256[:12]} arrived damaged (its hash differs); will try again")
     return b"".join(chunks)
+
+
+def _uploaded_blob(connection: Connection, sha256: str) -> bytes:
+    from syncqueue.models import Blob
+
+    blob = Blob.objects.filter(connection=connection, sha256=sha256).first()
+    if blob is None:
+        who = connection.remote_name or "the private remote node"
+        raise RemoteError(f"attachment {sha256[:12]} has not been uploaded by {who} yet; will try again")
+    return bytes(blob.content)

@@ -66,7 +66,12 @@ def _ready(direction: str):
     if direction == Direction.INCOMING:
         # Next in sequence, or already applied (a redelivery, which is marked done without effect).
         return events.filter(twin__state__in=(Twin.State.OK, Twin.State.STOPPED), seq__lte=F("twin__in_seq") + 1)
-    return events.filter(connection__status=Connection.Status.ACTIVE).exclude(twin__state=Twin.State.BLOCKED)
+    # A private remote (no URL) is not pushed to: it pulls these through ``claim_for_pull``.
+    return (
+        events.filter(connection__status=Connection.Status.ACTIVE)
+        .exclude(twin__state=Twin.State.BLOCKED)
+        .exclude(connection__remote_url="")
+    )
 
 
 def claim(direction: str, owner: str, limit: int = BATCH) -> list[SyncEvent]:
@@ -163,10 +168,18 @@ def split_by_size(events: list[SyncEvent], limit: int = MAX_BATCH_BYTES) -> list
 
 def _send(connection: Connection, events: list[SyncEvent]) -> None:
     try:
+        if connection.pulls:
+            # The remote cannot fetch attachment bytes from a private node: they go first.
+            upload_blobs(connection, events)
         answer = transport.post_messages(connection, [flow.message_of(e) for e in events])
     except transport.RemoteError as e:
         _sending_failed(connection, events, e)
         return
+    delivered(connection, events, answer)
+
+
+def delivered(connection: Connection, events: list[SyncEvent], answer: dict) -> None:
+    """Record the receiver's answer: accepted messages are sent (updates await their ack), refused ones fail."""
     accepted = {str(i) for i in answer.get("accepted", [])}
     rejected = answer.get("rejected") or {}
     now = timezone.now()
@@ -221,7 +234,7 @@ def drain(budget_seconds: float = 50.0, owner: str | None = None) -> int:
     handled = 0
     reclaim_expired()
     while time.monotonic() < deadline:
-        done = process_incoming(owner) + send_outgoing(owner)
+        done = pull_all() + process_incoming(owner) + send_outgoing(owner)
         handled += done
         if not done:
             break
@@ -238,4 +251,108 @@ def cleanup() -> int:
 
     cutoff = timezone.now() - timedelta(days=settings.SYNC_RETENTION_DAYS)
     deleted, _ = SyncEvent.objects.filter(status=Status.DONE, finished__lt=cutoff).delete()
+    from syncqueue.models import Blob
+
+    Blob.objects.filter(created__lt=cutoff).delete()
     return deleted
+
+
+# --- private nodes ------------------------------------------------------------------------------
+
+
+def pull_owner(connection: Connection) -> str:
+    return f"pull:{connection.pk}"
+
+
+def claim_for_pull(connection: Connection, confirmed: list[str], limit: int = BATCH) -> list[SyncEvent]:
+    """On the public side: settle what the private remote confirmed, then hand it the next messages.
+
+    Messages of an earlier pull that it did not confirm were lost on the way and go again
+    (it stores each message once, so a repeat is harmless).
+    """
+    owner = pull_owner(connection)
+    handed = list(
+        SyncEvent.objects.filter(connection=connection, status=Status.SENDING, lease_owner=owner).select_related("twin")
+    )
+    confirmed_ids = set(confirmed)
+    delivered(connection, [e for e in handed if str(e.message_id) in confirmed_ids], {"accepted": list(confirmed_ids)})
+    SyncEvent.objects.filter(pk__in=[e.pk for e in handed if str(e.message_id) not in confirmed_ids]).update(
+        status=Status.PENDING, lease_owner="", lease_expires=None
+    )
+    now = timezone.now()
+    with transaction.atomic():
+        candidates = (
+            SyncEvent.objects.filter(
+                connection=connection, direction=Direction.OUTGOING, status=Status.PENDING, next_attempt__lte=now
+            )
+            .exclude(twin__state=Twin.State.BLOCKED)
+            .order_by("id")
+        )
+        if db.vendor == "postgresql":
+            candidates = candidates.select_for_update(skip_locked=True, of=("self",))
+        ids = list(candidates.values_list("id", flat=True)[:limit])
+        SyncEvent.objects.filter(id__in=ids, status=Status.PENDING).update(
+            status=Status.SENDING, lease_owner=owner, lease_expires=now + LEASE
+        )
+    events = list(
+        SyncEvent.objects.filter(id__in=ids, lease_owner=owner, status=Status.SENDING)
+        .select_related("twin")
+        .order_by("id")
+    )
+    return split_by_size(events)[0] if events else []
+
+
+def pull_all() -> int:
+    """On a private node: fetch and store what each remote has for us; returns how many messages came."""
+    received = 0
+    connections = Connection.objects.filter(pulls=True, status=Connection.Status.ACTIVE).exclude(remote_url="")
+    for connection in connections:
+        confirmed: list[str] = []
+        for _ in range(MAX_PULLS_PER_PASS):
+            try:
+                messages = transport.pull_messages(connection, confirmed)
+            except transport.RemoteError as e:
+                Connection.objects.filter(pk=connection.pk).update(status_detail=str(e))
+                break
+            if not messages:
+                Connection.objects.filter(pk=connection.pk).update(status_detail="", last_contact=timezone.now())
+                break
+            answer = flow.receive(connection, messages)
+            confirmed = [str(i) for i in answer["accepted"]]
+            for message_id, reason in answer["rejected"].items():
+                log.warning("refused a pulled message %s from %s: %s", message_id, connection, reason)
+            received += len(messages)
+    return received
+
+
+# One pass fetches at most this many batches per connection, so the loop cannot run away.
+MAX_PULLS_PER_PASS = 20
+
+
+def upload_blobs(connection: Connection, events: list[SyncEvent]) -> None:
+    """Upload the bytes of attachments these messages name that the remote does not have from us yet."""
+    from syncqueue.models import UploadedBlob
+
+    tracker = None
+    for event in events:
+        replica = event.payload.get("replica") or {}
+        wanted = {a.get("sha256") for a in replica.get("attachments") or [] if isinstance(a, dict)}
+        wanted.discard(None)
+        if not wanted:
+            continue
+        done = set(
+            UploadedBlob.objects.filter(connection=connection, sha256__in=wanted).values_list("sha256", flat=True)
+        )
+        missing = wanted - done
+        if not missing:
+            continue
+        tracker = tracker or flow.local_tracker()
+        try:
+            entity = tracker.get(event.twin.local_key)
+        except TrackerError as e:
+            raise transport.RemoteError(f"cannot read attachments of {event.twin.local_key}: {e}") from None
+        for attachment in entity.attachments:
+            if attachment.sha256 in missing:
+                transport.upload_blob(connection, attachment.sha256, attachment.read())
+                UploadedBlob.objects.get_or_create(connection=connection, sha256=attachment.sha256)
+                missing.discard(attachment.sha256)

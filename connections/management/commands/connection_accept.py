@@ -19,14 +19,21 @@ class Command(BaseCommand):
         parser.add_argument("code", metavar="CODE", help="The invitation code (EXL1-...).")
         parser.add_argument("--name", default="", help="A name for the connection (default: the other node's).")
         parser.add_argument("--project", default="", help="Local project key where remote entities are created.")
+        parser.add_argument(
+            "--private",
+            action="store_true",
+            help="This node cannot be reached from the other node: it pulls its messages from there.",
+        )
 
-    def handle(self, *args, code, name, project, **options):
+    def handle(self, *args, code, name, project, private, **options):
         data = validated(
             AcceptInput(data={"code": code, "name": name, "project": project}),
             {"name": "--name", "project": "--project"},
         )
         try:
-            connection = handshake.accept_invitation(data["code"], name=data["name"], project=data["project"])
+            connection = handshake.accept_invitation(
+                data["code"], name=data["name"], project=data["project"], private=private
+            )
         except handshake.HandshakeError as e:
             raise CommandError(e.message) from None
         self.stdout.write(row(get_connection(connection.pk)))

@@ -10,6 +10,8 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from syncqueue import tasks
+
 # Work in flight is safe to cut (leases put it back), so a stop need not wait long.
 STOP_GRACE_SECONDS = 10
 
@@ -50,6 +52,8 @@ class Command(BaseCommand):
         ]
         if access_log:
             web += ["--access-logfile", "-"]
+        # The tick polls, pulls and retries; waiting for the scheduler could take a minute.
+        tasks.start()
         queue = [sys.executable, str(settings.BASE_DIR / "manage.py"), "qcluster"]
         children = [subprocess.Popen(web, cwd=base), subprocess.Popen(queue, cwd=base)]
         stopping = False
