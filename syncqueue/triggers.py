@@ -70,9 +70,7 @@ def sync_all_matches(trigger: Trigger, tracker: Tracker | None = None) -> int:
     queued, cursor = 0, None
     while True:
         page = tracker.search(trigger.query, cursor=cursor, limit=200)
-        for entity in page.entities:
-            if flow.sync_entity(trigger.connection, entity.key, tracker=tracker) is not None:
-                queued += 1
+        queued += flow.sync_many(trigger.connection, page.entities, tracker=tracker)
         cursor = page.next_cursor
         if cursor is None:
             break
@@ -99,11 +97,8 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     queued, cursor = 0, None
     while True:
         page = tracker.changed_since(started, cursor=cursor, limit=200)
-        for entity in page.entities:
-            if _should_sync(connection, entity, tracker, twinned) and flow.sync_entity(
-                connection, entity.key, tracker=tracker
-            ):
-                queued += 1
+        wanted = [entity for entity in page.entities if _should_sync(connection, entity, tracker, twinned)]
+        queued += flow.sync_many(connection, wanted, tracker=tracker)
         if page.high_water and (high_water is None or page.high_water > high_water):
             high_water = page.high_water
         cursor = page.next_cursor

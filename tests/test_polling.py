@@ -5,12 +5,14 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+from django.db import connection as db
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from connections.models import Node
 from syncqueue import flow, health, tasks, triggers
 from syncqueue.models import SyncEvent, Twin
-from tests.syncpair import blue_issue, connect_red, tracker
+from tests.syncpair import blue_issue, connect_red, tracker, use_rules
 from trackers.base import Page, TrackerError, TrackerUnavailable
 from trackers.builtin import actions
 from trackers.builtin.adapter import BuiltinTracker
@@ -71,7 +73,7 @@ def test_a_pass_leaves_out_entities_no_trigger_matches(project, alice):
 def test_the_watermark_stays_where_it_was_when_a_pass_fails(red, alice):
     blue_issue(alice)
     broken = TrackerError("Redmine broke off", permanent=False)
-    with mock.patch.object(flow, "sync_entity", side_effect=broken), pytest.raises(TrackerError):
+    with mock.patch.object(flow, "sync_many", side_effect=broken), pytest.raises(TrackerError):
         triggers.poll(red)
     red.refresh_from_db()
     assert red.poll_watermark is None
@@ -134,3 +136,25 @@ def test_the_node_sets_its_own_poll_interval(red):
     Node.local()
     Node.objects.update(poll_seconds=7)
     assert triggers.poll_interval() == 7
+
+
+# --- many at once -----------------------------------------------------------------------------
+
+
+def test_sync_many_queues_each_changed_entity_once_in_a_fixed_number_of_queries(red, alice):
+    entities = [tracker().get(blue_issue(alice, summary=f"Bulk {n}").key) for n in range(50)]
+    with CaptureQueriesContext(db) as queries:
+        assert flow.sync_many(red, entities, tracker=tracker()) == 50
+    assert len(queries) <= 12, "reads and writes go in bulk, not one round per entity"
+    assert flow.sync_many(red, entities, tracker=tracker()) == 0, "nothing new to send the second time"
+    assert sorted(e.seq for e in outgoing(red)) == [1] * 50
+
+
+def test_sync_many_leaves_stopped_twins_and_blocks_only_the_failing_one(red, alice):
+    stopped, failing, fine = (blue_issue(alice, summary=name) for name in ("Stopped", "boom", "Fine"))
+    Twin.objects.create(connection=red, local_key=stopped.key, state=Twin.State.STOPPED)
+    use_rules(red, outgoing='replica.summary = issue.summary\nif issue.summary == "boom":\n    x = 1 / 0\n')
+    queued = flow.sync_many(red, [tracker().get(i.key) for i in (stopped, failing, fine)], tracker=tracker())
+    assert queued == 1
+    states = dict(Twin.objects.values_list("local_key", "state"))
+    assert states == {stopped.key: "stopped", failing.key: "blocked", fine.key: "ok"}
