@@ -268,47 +268,6 @@ def test_a_person_changing_the_entity_ends_a_run_of_bounces(red, alice, django_c
     assert red.twin().state == "ok" and red.twin().bounces == 0
 
 
-# --- 7. edits on both sides ---------------------------------------------------------------------
-
-
-def test_edits_of_different_fields_on_both_sides_at_once_both_survive(red, alice):
-    red.send(red.update(summary="Made on Red", description="Old words"))
-    work()
-    issue = Issue.objects.get(key=red.twin().local_key)
-    # At the same moment: Blue edits the description, Red the summary (its replica still has the old words).
-    actions.update_issue(issue, {"description": "New words from Blue"}, actor=alice)
-    red.send(red.update(summary="Renamed on Red", description="Old words"))
-    work()
-    entity = tracker().get(issue.key)
-    assert (entity.summary, entity.description) == ("Renamed on Red", "New words from Blue")
-    assert not Conflict.objects.exists()
-
-
-def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policy_and_recorded(red, alice, bob_api):
-    red.send(red.update(summary="Made on Red"))
-    work()
-    issue = Issue.objects.get(key=red.twin().local_key)
-    actions.update_issue(issue, {"summary": "Blue's title"}, actor=alice)
-    red.send(red.update(summary="Red's title"))
-    work()
-    assert tracker().get(issue.key).summary == "Red's title", "the default policy: the other side's change wins"
-    [conflict] = Conflict.objects.all()
-    assert (conflict.field, conflict.base, conflict.local, conflict.remote, conflict.chosen) == (
-        "summary",
-        "Made on Red",
-        "Blue's title",
-        "Red's title",
-        "remote",
-    )
-    [shown] = bob_api.get(f"/api/v1/twins/{red.twin().pk}/").json()["conflicts"]
-    assert (shown["field"], shown["local"], shown["remote"], shown["chosen"]) == (
-        "summary",
-        "Blue's title",
-        "Red's title",
-        "remote",
-    )
-
-
 # --- 6. no silent failure ---------------------------------------------------------------------
 
 
@@ -365,6 +324,47 @@ def test_it_holds_the_queue_while_the_local_tracker_is_out_and_then_applies_ever
     assert sorted(e.summary for e in outside.entities.values()) == ["One", "Two"]
     assert set(held.values_list("status", flat=True)) == {"done"}
     assert health.problem() is None
+
+
+# --- 7. edits on both sides ---------------------------------------------------------------------
+
+
+def test_edits_of_different_fields_on_both_sides_at_once_both_survive(red, alice):
+    red.send(red.update(summary="Made on Red", description="Old words"))
+    work()
+    issue = Issue.objects.get(key=red.twin().local_key)
+    # At the same moment: Blue edits the description, Red the summary (its replica still has the old words).
+    actions.update_issue(issue, {"description": "New words from Blue"}, actor=alice)
+    red.send(red.update(summary="Renamed on Red", description="Old words"))
+    work()
+    entity = tracker().get(issue.key)
+    assert (entity.summary, entity.description) == ("Renamed on Red", "New words from Blue")
+    assert not Conflict.objects.exists()
+
+
+def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policy_and_recorded(red, alice, bob_api):
+    red.send(red.update(summary="Made on Red"))
+    work()
+    issue = Issue.objects.get(key=red.twin().local_key)
+    actions.update_issue(issue, {"summary": "Blue's title"}, actor=alice)
+    red.send(red.update(summary="Red's title"))
+    work()
+    assert tracker().get(issue.key).summary == "Red's title", "the default policy: the other side's change wins"
+    [conflict] = Conflict.objects.all()
+    assert (conflict.field, conflict.base, conflict.local, conflict.remote, conflict.chosen) == (
+        "summary",
+        "Made on Red",
+        "Blue's title",
+        "Red's title",
+        "remote",
+    )
+    [shown] = bob_api.get(f"/api/v1/twins/{red.twin().pk}/").json()["conflicts"]
+    assert (shown["field"], shown["local"], shown["remote"], shown["chosen"]) == (
+        "summary",
+        "Blue's title",
+        "Red's title",
+        "remote",
+    )
 
 
 # --- delivery ---------------------------------------------------------------------------------
