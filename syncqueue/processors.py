@@ -406,9 +406,16 @@ def apply_plan(
         key = create_entity(tracker, plan).key
     elif plan.fields:
         tracker.update(key, plan.fields)
+    additions = [op for op in plan.comments if op[0] == "add"]
+    if len(additions) > 1 and hasattr(tracker, "add_comments"):
+        # A tracker that can write many comments at once does (a first sync brings them all).
+        for op, added in zip(additions, tracker.add_comments(key, [op[2] for op in additions]), strict=True):
+            twin.comment_map[op[1]] = added.id
+        additions = []
     for op in plan.comments:
         if op[0] == "add":
-            twin.comment_map[op[1]] = tracker.add_comment(key, op[2]).id
+            if op in additions:
+                twin.comment_map[op[1]] = tracker.add_comment(key, op[2]).id
         elif op[0] == "link":
             twin.comment_map[op[1]] = op[2]
         elif op[0] == "update":

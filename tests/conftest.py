@@ -5,12 +5,15 @@ alice is the admin, bob a staff user, charlie a user with no special rights.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from trackers.builtin import actions
 from trackers.builtin.models import Project
 
 
@@ -25,6 +28,25 @@ def media_root(settings, tmp_path):
     """Attachments of each test go to their own folder."""
     settings.MEDIA_ROOT = tmp_path / "media"
     return settings.MEDIA_ROOT
+
+
+@pytest.fixture
+def django_capture_on_commit_callbacks(django_capture_on_commit_callbacks):
+    """pytest-django's, with one difference: the block is a transaction of its own for announcements.
+
+    The built-in tracker announces all changes of one transaction together, after it
+    commits. In a test everything shares the test's transaction, so changes made before
+    the block (fixtures) would hold the announcement back; starting a new batch at the
+    block keeps each block's changes announced at its end, as a real commit would.
+    """
+
+    @contextmanager
+    def capture(**kwargs):
+        actions.start_new_announcements()
+        with django_capture_on_commit_callbacks(**kwargs) as callbacks:
+            yield callbacks
+
+    return capture
 
 
 def _user(username: str, **flags):

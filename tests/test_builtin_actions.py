@@ -7,7 +7,7 @@ import threading
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
 
 from trackers import registry
 from trackers.base import TrackerError
@@ -74,14 +74,18 @@ def test_it_sends_the_changed_signal_after_commit(project, alice, changes, djang
         issue = actions.create_issue(project, {"summary": "x"}, alice)
     assert changes == [("builtin", "BLUE-1", "created", "alice")]
 
-    with django_capture_on_commit_callbacks(execute=True):
-        actions.update_issue(issue, {"summary": "y"}, alice)
-        comment = actions.add_comment(issue, "hello", alice)
-        actions.edit_comment(comment, "hello again", alice)
-        actions.delete_comment(comment, alice)
-        attachment = actions.add_attachment(issue, "a.txt", io.BytesIO(b"a"), "text/plain", alice)
-        actions.remove_attachment(attachment, alice)
-        actions.delete_issue(issue, alice)
+    steps = [
+        lambda: actions.update_issue(issue, {"summary": "y"}, alice),
+        lambda: actions.add_comment(issue, "hello", alice),
+        lambda: actions.edit_comment(issue.comments.get(), "hello again", alice),
+        lambda: actions.delete_comment(issue.comments.get(), alice),
+        lambda: actions.add_attachment(issue, "a.txt", io.BytesIO(b"a"), "text/plain", alice),
+        lambda: actions.remove_attachment(issue.attachments.get(), alice),
+        lambda: actions.delete_issue(issue, alice),
+    ]
+    for step in steps:
+        with django_capture_on_commit_callbacks(execute=True):
+            step()
     assert [change for _, _, change, _ in changes[1:]] == [
         "updated",
         "comment_added",
@@ -91,6 +95,30 @@ def test_it_sends_the_changed_signal_after_commit(project, alice, changes, djang
         "attachment_removed",
         "deleted",
     ]
+
+
+def test_it_announces_many_changes_of_an_issue_in_one_transaction_once(
+    project, alice, changes, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        first = actions.create_issue(project, {"summary": "x"}, alice)
+        second = actions.create_issue(project, {"summary": "y"}, alice)
+        actions.add_comments(first, ["one", "two"], alice)
+        actions.add_comment(first, "three", alice)
+        actions.update_issue(second, {"summary": "z"}, alice)
+    assert changes == [("builtin", first.key, "comment_added", "alice"), ("builtin", second.key, "updated", "alice")]
+
+
+def test_it_announces_nothing_of_a_rolled_back_transaction(project, alice, changes, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        try:
+            with transaction.atomic():
+                actions.create_issue(project, {"summary": "gone"}, alice)
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        kept = actions.create_issue(project, {"summary": "kept"}, alice)
+    assert changes == [("builtin", kept.key, "created", "alice")]
 
 
 def test_it_sends_nothing_and_keeps_the_timestamp_when_nothing_changes(

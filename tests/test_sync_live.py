@@ -93,7 +93,7 @@ def test_it_syncs_comments_once_with_attribution(nodes):
     comments = wait_for(
         lambda: red.api("GET", f"tracker/issues/{copy['key']}/comments/")["results"], what="the comment on Red"
     )
-    assert comments[0]["body"].endswith("Hello from Blue")
+    assert "\n\nHello from Blue\n\n[sync " in comments[0]["body"]
     assert "(Blue) wrote:" in comments[0]["body"]
     red.api("POST", f"tracker/issues/{copy['key']}/comments/", json={"body": "Hello from Red"})
     wait_for(

@@ -8,9 +8,11 @@ committed. Views, the REST API and the adapter all call them.
 
 from __future__ import annotations
 
+import logging
 import math
 import mimetypes
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
@@ -25,6 +27,8 @@ from django.utils import timezone
 from trackers.base import Person, sha256_of
 from trackers.builtin.models import Attachment, Comment, Issue, Label, Priority, Project, Status
 from trackers.signals import entity_changed
+
+log = logging.getLogger(__name__)
 
 User = get_user_model()
 
@@ -53,10 +57,43 @@ def person(user) -> Person | None:
     return Person(id=user.get_username(), name=user.get_full_name() or user.get_username(), email=user.email or "")
 
 
+# Changes to an issue within one transaction are announced once, after it commits: the sync
+# writing an issue and seven comments makes one announcement, not eight.
+_pending = threading.local()
+
+
 def _notify(issue_key: str, change: str, actor) -> None:
-    transaction.on_commit(
-        lambda: entity_changed.send(sender=KIND, key=issue_key, change=change, actor=person(actor)), robust=True
-    )
+    pending = getattr(_pending, "changes", None)
+    if pending is None or not _registered(pending):
+        pending = _pending.changes = _Changes()
+        transaction.on_commit(pending.announce, robust=True)
+    pending.by_key[issue_key] = (change, actor)
+
+
+class _Changes:
+    def __init__(self):
+        self.by_key: dict[str, tuple[str, Any]] = {}
+
+    def announce(self) -> None:
+        if getattr(_pending, "changes", None) is self:
+            _pending.changes = None
+        for key, (change, actor) in self.by_key.items():
+            try:
+                entity_changed.send(sender=KIND, key=key, change=change, actor=person(actor))
+            except Exception:
+                # One failing receiver must not keep the other issues' changes unannounced.
+                log.exception("announcing the change of %s failed", key)
+
+
+def start_new_announcements() -> None:
+    """Announce later changes separately from those made so far in this transaction (tests use it)."""
+    _pending.changes = None
+
+
+def _registered(pending: _Changes) -> bool:
+    """Whether ``pending`` still waits for a commit (a rollback drops its callback, and then it is stale)."""
+    connection = transaction.get_connection()
+    return connection.in_atomic_block and any(entry[1] == pending.announce for entry in connection.run_on_commit)
 
 
 def _touch(issue: Issue, actor) -> None:
@@ -290,6 +327,21 @@ def add_comment(issue: Issue, body: Any, actor=None) -> Comment:
     _touch(issue, actor)
     _notify(issue.key, "comment_added", actor)
     return comment
+
+
+@transaction.atomic
+def add_comments(issue: Issue, bodies: Iterable[Any], actor=None) -> list[Comment]:
+    """Several comments in one write, in order (the sync adding what the other side wrote)."""
+    cleaned = [_clean_text("body", body, required=True, max_length=MAX_COMMENT) for body in bodies]
+    if not cleaned:
+        return []
+    now = timezone.now()
+    comments = Comment.objects.bulk_create(
+        [Comment(issue=issue, author=actor, body=body, created=now, updated=now) for body in cleaned]
+    )
+    _touch(issue, actor)
+    _notify(issue.key, "comment_added", actor)
+    return comments
 
 
 @transaction.atomic

@@ -237,6 +237,11 @@ class BuiltinTracker:
         return to_comment(actions.add_comment(self._issue(key), body, actor=self._actor()))
 
     @_translated
+    def add_comments(self, key: str, bodies: list[str]) -> list[Comment]:
+        """``add_comment`` for several bodies at once, in order."""
+        return [to_comment(c) for c in actions.add_comments(self._issue(key), bodies, actor=self._actor())]
+
+    @_translated
     def update_comment(self, key: str, comment_id: str, body: str) -> Comment:
         comment = actions.edit_comment(self._comment(key, comment_id), body, actor=self._actor())
         return to_comment(comment)
