@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -374,20 +372,9 @@ def _store(connection: Connection, message: dict[str, Any]) -> bool:
 # --- applying --------------------------------------------------------------------------------
 
 
-def find_user_for(tracker_kind: str):
-    """Matching a remote person to a local one, for the built-in tracker: by email, then username."""
-    if tracker_kind != "builtin":
-        return None
-    users = get_user_model().objects.filter(is_active=True)
-
-    def find(person: Mapping[str, Any]) -> str | None:
-        if not isinstance(person, Mapping):
-            return None
-        email, ident = person.get("email"), person.get("id")
-        user = (email and users.filter(email__iexact=email).first()) or (ident and users.filter(username=ident).first())
-        return user.get_username() if user else None
-
-    return find
+def find_user_for(tracker: Tracker):
+    """How the tracker matches a remote person to a local user id (``helpers.find_user``), if it can."""
+    return getattr(tracker, "find_user", None)
 
 
 def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
@@ -440,7 +427,7 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
                 twin.last_received,
                 entity,
                 twin,
-                find_user=find_user_for(tracker.kind),
+                find_user=find_user_for(tracker),
             )
         except StopSync as e:
             # The rules stopped it: say so to the other side too, so that it stops sending.
@@ -512,7 +499,7 @@ def _create_first(event: SyncEvent, tracker: Tracker) -> None:
                 twin.last_received,
                 None,
                 twin,
-                find_user=find_user_for(tracker.kind),
+                find_user=find_user_for(tracker),
             )
         except StopSync:
             return  # the main path records the stop

@@ -211,7 +211,7 @@ def run_incoming(
                 twin.last_received if twin else None,
                 entity,
                 twin,
-                find_user=flow.find_user_for(tracker.kind),
+                find_user=flow.find_user_for(tracker),
             )
         except (ScriptError, StopSync, TrackerError) as e:
             result.failure = Failure.of(e, rules)

@@ -14,6 +14,7 @@ from syncqueue.models import Twin
 from syncqueue.replica import entity_view
 from tests.syncpair import RITA, attachment, blue_issue, comment, connect_red, replica, tracker, use_rules
 from trackers.builtin import actions
+from trackers.builtin.adapter import BuiltinTracker
 from trackers.builtin.models import Comment, Issue
 
 
@@ -147,7 +148,7 @@ def test_it_writes_nothing_while_planning(red, alice):
         summary="After", comments=[comment("c1", "Edited"), comment("c2", "New")], attachments=[attachment("a1", b"x")]
     )
     with CaptureQueriesContext(db) as queries:
-        planned = plan(red, remote, issue.key, twin, find_user=flow.find_user_for("builtin"))
+        planned = plan(red, remote, issue.key, twin, find_user=BuiltinTracker().find_user)
     assert planned.fields["summary"] == "After"
     assert len(planned.comments) == 2 and len(planned.attachments) == 1
     writes = [q["sql"] for q in queries if not q["sql"].lstrip().upper().startswith("SELECT")]
@@ -349,7 +350,7 @@ def test_it_plans_an_attachment_listed_twice_once(red, issue):
 
 @pytest.fixture
 def helpers(db):
-    return processors.Helpers(entity=entity_view(None), find_user=flow.find_user_for("builtin"))
+    return processors.Helpers(entity=entity_view(None), find_user=BuiltinTracker().find_user)
 
 
 def test_it_maps_a_value_or_gives_the_default(helpers):
@@ -385,4 +386,4 @@ def test_it_does_not_find_an_inactive_user(helpers, bob):
 
 def test_it_assigns_the_matching_user_on_incoming(red, bob):
     remote = replica(assignee={"id": "robert", "name": "Robert", "email": "bob@example.org"})
-    assert plan(red, remote, find_user=flow.find_user_for("builtin")).fields["assignee"] == "bob"
+    assert plan(red, remote, find_user=BuiltinTracker().find_user).fields["assignee"] == "bob"

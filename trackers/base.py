@@ -180,6 +180,9 @@ class Tracker(Protocol):
     def sync_account(self) -> Person:
         """The account the sync writes as, so its own writes can be recognised."""
 
+    # Optional: ``find_user(person: Mapping) -> str | None``, the local user id matching a
+    # remote person (by email, then id), for ``helpers.find_user``; without it nobody matches.
+
 
 def sha256_of(chunks: Iterator[bytes] | bytes) -> tuple[str, int]:
     """(hex digest, size) of bytes or of a stream of chunks."""

@@ -210,6 +210,17 @@ class BuiltinTracker:
             self._user = user
         return self._user
 
+    def find_user(self, person: Mapping[str, Any]) -> str | None:
+        """The active user matching a remote person: by email, then by username; None if nobody does."""
+        if not isinstance(person, Mapping):
+            return None
+        users = get_user_model().objects.filter(is_active=True)
+        email, ident = person.get("email"), person.get("id")
+        user = (isinstance(email, str) and email and users.filter(email__iexact=email).first()) or (
+            isinstance(ident, str) and ident and users.filter(username=ident).first()
+        )
+        return user.get_username() if user else None
+
     @_translated
     def sync_account(self) -> Person:
         return actions.person(self._actor())
