@@ -89,6 +89,11 @@ def handshake_view(request):
         return _error(e.message, e.status)
 
 
+def _not_json(constant: str):
+    # Python reads NaN and Infinity, which JSON has not; the database would refuse them later.
+    raise ValueError(f"{constant} is not JSON")
+
+
 @csrf_exempt
 @require_POST
 def messages_view(request):
@@ -97,7 +102,7 @@ def messages_view(request):
     except Refused as e:
         return _error(e.message, e.status)
     try:
-        body = json.loads(request.body)
+        body = json.loads(request.body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         return _error("The body must be JSON.", 400)
     messages = body.get("messages") if isinstance(body, dict) else None
@@ -120,7 +125,7 @@ def attachment_view(request, sha256: str):
     except Refused as e:
         return _error(e.message, e.status)
     key = request.GET.get("key", "")
-    if not _SHA256.match(sha256) or not key:
+    if not _SHA256.match(sha256) or not key or "\x00" in key:
         return _error("Give the attachment's sha256 and ?key=.", 400)
     # Only attachments of entities under sync on this connection can be fetched.
     if not Twin.objects.filter(connection=connection, local_key=key).exists():

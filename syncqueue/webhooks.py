@@ -42,7 +42,7 @@ def changed(request):
     except (ValueError, UnicodeDecodeError):
         return JsonResponse(error_body("The body must be JSON."), status=400)
     key = body.get("key") if isinstance(body, dict) else None
-    if not isinstance(key, str) or not 0 < len(key) <= 100:
+    if not isinstance(key, str) or not 0 < len(key) <= 100 or "\x00" in key:
         return JsonResponse(error_body('Expected {"key": "<entity key>"}.'), status=400)
     entity_changed.send(sender=Node.local().tracker_kind, key=key, change="updated", actor=None)
     return JsonResponse({"accepted": key}, status=202)
