@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
     "django_q",
     "django_ace",
     "trackers.apps.TrackersConfig",
@@ -120,6 +121,22 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "exalate_web.api.Pagination",
     "EXCEPTION_HANDLER": "exalate_web.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+# The OpenAPI description of /api/v1/, served to staff at /api/v1/schema/; the node-to-node
+# endpoints are plain Django views and are described by exalate_web.schema.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Exalate node API",
+    "DESCRIPTION": "The REST API of a sync node, and the signed endpoints other nodes call.",
+    "VERSION": "1",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAdminUser"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "exalate_web.schema.describe_plain_views",
+    ],
 }
 
 # Finished sync events are kept this long for the monitor, then deleted.

@@ -4,7 +4,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from connections import api as connections_api
-from exalate_web import views
+from exalate_web import schema, views
 from syncqueue import api as sync_api
 from syncqueue import node_api, webhooks
 
@@ -35,6 +35,7 @@ api_v1 = [
     path("twins/<int:pk>/retry/", sync_api.TwinAction.as_view(action="retry"), name="twin-retry"),
     path("queue/stats/", sync_api.QueueStats.as_view(), name="queue-stats"),
     path("webhooks/changed/", webhooks.changed, name="webhook-changed"),
+    path("schema/", schema.schema_view, name="schema"),
     path("node/handshake/", node_api.handshake_view, name="node-handshake"),
     path("node/messages/", node_api.messages_view, name="node-messages"),
     path("node/attachments/<str:sha256>/", node_api.attachment_view, name="node-attachment"),
