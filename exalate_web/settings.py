@@ -83,6 +83,9 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "login"
+# After this many failed logins for one username from one client within these minutes, that
+# client is refused for the rest of them (exalate_web.ratelimit).
+LOGIN_RATE_LIMIT = {"failures": 5, "minutes": 15}
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"
 
@@ -149,6 +152,17 @@ WEBHOOK_SECRET = env.env_str("WEBHOOK_SECRET").strip()
 SYNC_POLL_SECONDS = env.env_int("SYNC_POLL_SECONDS", 30, minimum=1)
 
 REDIS_URL = env.env_url("REDIS_URL", schemes=("redis", "rediss", "unix"))
+CACHES = {
+    # Django's default, one per process (the queue's kick counts on that).
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    # Shared by every web worker, so that a limit holds whichever worker answers.
+    "ratelimit": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "ratelimit"}
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": DATA_DIR / "ratelimit"}
+    )
+    | {"TIMEOUT": LOGIN_RATE_LIMIT["minutes"] * 60},
+}
 Q_CLUSTER = {
     "name": "exalate",
     "workers": env.env_int("Q_WORKERS", 2, minimum=1),

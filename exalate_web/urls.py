@@ -4,7 +4,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from connections import api as connections_api
-from exalate_web import schema, views
+from exalate_web import ratelimit, schema, views
 from syncqueue import api as sync_api
 from syncqueue import node_api, webhooks
 
@@ -46,8 +46,10 @@ api_v1 = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/login/", views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Before the admin's own routes, so that its login is rate-limited too.
+    path("admin/login/", views.admin_login),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("issues/", include("trackers.builtin.urls")),
@@ -59,6 +61,7 @@ urlpatterns = [
 admin.site.site_header = f"{settings.NODE_NAME} administration"
 admin.site.site_title = f"{settings.NODE_NAME} admin"
 admin.site.site_url = "/"
+admin.site.login_form = ratelimit.AdminLoginForm
 
 handler400 = views.bad_request
 handler403 = views.permission_denied

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.db import DatabaseError, connection
 from django.db.models import Count, Max, Q
@@ -11,6 +13,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
 from connections.models import Connection, Node
+from exalate_web import ratelimit
 from exalate_web.api import error_body, wants_json
 from syncqueue.models import SyncEvent, Twin
 
@@ -67,6 +70,26 @@ def healthz(request):
         checks["database"] = f"error: {type(e).__name__}"
     healthy = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ok" if healthy else "error", "checks": checks}, status=200 if healthy else 503)
+
+
+def _too_many_attempts(response: HttpResponse) -> HttpResponse:
+    """A login page refused by the rate limit answers 429 Too Many Requests."""
+    form = getattr(response, "context_data", None) and response.context_data.get("form")
+    if ratelimit.is_refusal(form):
+        response.status_code = 429
+    return response
+
+
+class LoginView(auth_views.LoginView):
+    authentication_form = ratelimit.LoginForm
+
+    def form_invalid(self, form):
+        return _too_many_attempts(super().form_invalid(form))
+
+
+def admin_login(request: HttpRequest) -> HttpResponse:
+    """The admin's own login page, with the same limit."""
+    return _too_many_attempts(admin.site.login(request))
 
 
 def _error(request, status: int, message: str) -> HttpResponse:
