@@ -1,0 +1,526 @@
+"""Benchmark of the sync between two live nodes: bulk sync, its floor, latency, memory.
+
+    .venv/bin/python bench/sync.py [--small] [--issues N] [--comments-per-issue 6.9585]
+                                   [--latency-seconds 60] [--rate 20] [--profile]
+
+Two nodes (built-in tracker, PostgreSQL, the Redis broker, production settings, gunicorn
+and django-q2 through ``runnode``) on 127.0.0.1, driven through their REST APIs:
+
+1. floor: a fresh database, migrated, gets the issues and comments by ``bulk_create``
+   (``manage.py bench_seed``); its insert time is the floor.
+2. bulk: Blue gets the same rows the same way before the sync; a trigger made through
+   the API and run (``POST /api/v1/triggers/<id>/run/``) brings them under sync; the
+   clock stops when Red holds every issue and every event on both nodes is done (the
+   acks applied on Blue), as ``/api/v1/queue/stats/`` and Red's issue list tell; then
+   ``manage.py bench_counts`` confirms the issues and comments on Red.
+3. latency: at a steady rate, PATCH the summary of synced issues on Blue (the response
+   marks the commit) while one list request to Red, repeated, tells when each new value
+   first shows there.
+
+Every process of both nodes is sampled for its memory (VmRSS, peak kept; VmHWM) and CPU
+time. ``--profile`` records the workers with py-spy during the bulk sync and sums up
+where their time went. The figures go to bench/results/latest.json (the one before to
+previous.json) and are printed beside the previous run's and the targets. Nothing is
+asserted. Nodes, databases and Redis databases are removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _nodes import REPO, BenchNode, ProcessWatch, Profiler, wait_until_quiet
+
+from tests.livenodes import LiveNode, pair
+
+RESULTS = REPO / "bench" / "results"
+FULL_ISSUES = 10_000
+FULL_COMMENTS = 69_585
+SMALL_ISSUES = 1_000
+# Events still on their way. An update stays "sent" until its ack is applied; the clock
+# waits for the acks themselves (Blue's incoming events), since an update can be left
+# "sent" after its ack was applied (see bench/README.md).
+ACTIVE = ("pending", "sending", "processing")
+# Red's issues updated this long before a poll began are asked for again: a write's
+# timestamp is taken a little before its transaction commits.
+POLL_OVERLAP = timedelta(seconds=1)
+# After the last change is sent, wait for the rest to show on Red while some keep coming.
+LATENCY_QUIET_SECONDS = 30
+LATENCY_DRAIN_LIMIT = 600
+TARGETS = {
+    "bulk_seconds": (120, "s at 10,000 issues"),
+    "ratio": (10, "x the floor"),
+    "latency_p50_ms": (250, "ms"),
+    "latency_p99_ms": (1000, "ms"),
+    "peak_rss_mb": (200, "MB, every process"),
+}
+
+
+class BenchError(Exception):
+    """The benchmark could not finish; the message says where it stopped."""
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+# --- floor ---------------------------------------------------------------------------------
+
+
+def seed(node: LiveNode, issues: int, comments: int) -> dict:
+    return json.loads(node.manage("bench_seed", "--issues", str(issues), "--comments", str(comments)))
+
+
+def counts(node: LiveNode) -> dict:
+    return json.loads(node.manage("bench_counts"))
+
+
+def measure_floor(root: Path, issues: int, comments: int) -> dict:
+    """Bulk inserts of the same rows into a fresh, migrated database."""
+    floor = LiveNode("Floor", root)
+    try:
+        floor.manage("migrate", "--noinput", "-v0")
+        floor.manage("demo_setup", "--quiet")
+        return seed(floor, issues, comments)
+    finally:
+        floor.destroy()
+
+
+# --- bulk ----------------------------------------------------------------------------------
+
+
+def queue_totals(node: LiveNode) -> dict:
+    totals = {"outgoing": Counter(), "incoming": Counter(), "blocked_twins": 0}
+    for connection in node.api("GET", "queue/stats/")["connections"]:
+        totals["outgoing"].update(connection["outgoing"])
+        totals["incoming"].update(connection["incoming"])
+        totals["blocked_twins"] += connection["blocked_twins"]
+    return totals
+
+
+def active(totals: dict) -> int:
+    return sum(totals[direction][status] for direction in ("outgoing", "incoming") for status in ACTIVE)
+
+
+def issue_count(node: LiveNode) -> int:
+    return node.api("GET", "tracker/issues/", params={"project": node.project, "page_size": 1})["count"]
+
+
+def run_bulk(blue: BenchNode, red: BenchNode, connection: int, issues: int, comments: int, stall: float) -> dict:
+    """Trigger the sync of everything on Blue and wait until Red has it and both queues are done."""
+    run: dict = {}
+
+    def run_trigger(trigger: int) -> None:
+        began = time.perf_counter()
+        try:
+            response = blue.session.post(f"{blue.url}/api/v1/triggers/{trigger}/run/", timeout=3600)
+            run["status"] = response.status_code
+            run["answer"] = response.text[:300]
+        except requests.RequestException as e:
+            run["status"] = f"failed: {e}"
+        run["seconds"] = round(time.perf_counter() - began, 2)
+
+    began = time.perf_counter()
+    trigger = blue.api("POST", f"connections/{connection}/triggers/", json={"query": f"project:{blue.project}"})
+    runner = threading.Thread(target=run_trigger, args=(trigger["id"],), daemon=True)
+    runner.start()
+    progress, progressed, reported, all_on_red = None, time.perf_counter(), 0.0, None
+    while True:
+        time.sleep(0.5)
+        blue_q, red_q, on_red = queue_totals(blue), queue_totals(red), issue_count(red)
+        now = time.perf_counter()
+        if all_on_red is None and on_red >= issues:
+            all_on_red = now - began
+        finished = (
+            not runner.is_alive()
+            and on_red >= issues
+            and blue_q["incoming"]["done"] >= issues
+            and active(blue_q) == 0
+            and active(red_q) == 0
+        )
+        if finished:
+            break
+        state = (on_red, blue_q["outgoing"]["done"], blue_q["incoming"]["done"], red_q["incoming"]["done"])
+        if state != progress:
+            progress, progressed = state, now
+        elif now - progressed > stall:
+            raise BenchError(f"no progress for {stall:.0f} s: Red has {on_red} issues; Blue {blue_q}; Red {red_q}")
+        if now - reported >= 10:
+            reported = now
+            say(
+                f"bulk {now - began:5.0f} s: Red has {on_red}/{issues} issues; Blue outgoing done "
+                f"{blue_q['outgoing']['done']}, acks applied {blue_q['incoming']['done']}; "
+                f"active events Blue {active(blue_q)}, Red {active(red_q)}"
+            )
+    seconds = time.perf_counter() - began
+    red_counts = counts(red)
+    deadline = time.monotonic() + 60
+    while red_counts["comments"] < comments and time.monotonic() < deadline:
+        time.sleep(2)
+        red_counts = counts(red)
+    return {
+        "bulk_seconds": round(seconds, 2),
+        "bulk_entities_per_second": round((issues + comments) / seconds, 1),
+        "bulk_issues_per_second": round(issues / seconds, 1),
+        "bulk_all_issues_on_red_seconds": round(all_on_red, 2),
+        "trigger_run": run,
+        "red_counts": red_counts,
+        "complete": red_counts["issues"] == issues and red_counts["comments"] == comments,
+        "blue_updates_left_sent": blue_q["outgoing"]["sent"],
+        "failed_events": {
+            "blue": blue_q["outgoing"]["failed"] + blue_q["incoming"]["failed"],
+            "red": red_q["outgoing"]["failed"] + red_q["incoming"]["failed"],
+        },
+    }
+
+
+# --- latency -------------------------------------------------------------------------------
+
+
+def measure_latency(
+    blue: BenchNode, red: BenchNode, issues: int, seconds: float, rate: float, poll_interval: float
+) -> dict:
+    """PATCH summaries on Blue at ``rate`` per second; note when each first shows on Red."""
+    total = int(seconds * rate)
+    if total < 1:
+        return {}
+    keys = [f"{blue.project}-{n}" for n in range(1, issues + 1)]
+    expected: dict[str, int] = {}
+    started: dict[int, float] = {}
+    committed: dict[int, float] = {}
+    seen: dict[int, float] = {}
+    errors: list[str] = []
+    poll_seconds: list[float] = []
+    local = threading.local()
+    stop = threading.Event()
+
+    def session(node: LiveNode) -> requests.Session:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            local.session.headers.update(node.session.headers)
+        return local.session
+
+    def change(i: int) -> None:
+        summary = f"latency probe {i}"
+        expected[summary] = i
+        started[i] = time.perf_counter()
+        url = f"{blue.url}/api/v1/tracker/issues/{keys[i % len(keys)]}/"
+        try:
+            response = session(blue).patch(url, json={"summary": summary}, timeout=30)
+        except requests.RequestException as e:
+            errors.append(f"change {i}: {e}")
+            return
+        if response.status_code != 200:
+            errors.append(f"change {i}: {response.status_code} {response.text[:200]}")
+            return
+        committed[i] = time.perf_counter()
+
+    def poll() -> None:
+        while not stop.is_set():
+            began, since = time.perf_counter(), datetime.now(UTC) - POLL_OVERLAP
+            url = f"{red.url}/api/v1/tracker/issues/"
+            params = {"project": red.project, "updated_after": since.isoformat(), "page_size": 500}
+            try:
+                while url:
+                    response = session(red).get(url, params=params, timeout=30)
+                    arrived = time.perf_counter()
+                    body = response.json()
+                    for issue in body["results"]:
+                        i = expected.get(issue["summary"])
+                        if i is not None and i not in seen:
+                            seen[i] = arrived
+                    url, params = body.get("next"), None
+            except (requests.RequestException, ValueError, KeyError) as e:
+                errors.append(f"poll: {e}")
+            poll_seconds.append(time.perf_counter() - began)
+            stop.wait(max(0.0, poll_interval - (time.perf_counter() - began)))
+
+    poller = threading.Thread(target=poll, name="red-poller", daemon=True)
+    poller.start()
+    began = time.perf_counter()
+    # Open loop: enough senders that a slow answer does not hold back the next change.
+    with ThreadPoolExecutor(max_workers=max(8, math.ceil(rate * 3))) as pool:
+        for i in range(total):
+            delay = began + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(change, i)
+    sent = time.perf_counter()
+    last_count, last_change = len(seen), sent
+    while any(i not in seen for i in committed) and time.perf_counter() - sent < LATENCY_DRAIN_LIMIT:
+        time.sleep(0.2)
+        if len(seen) != last_count:
+            last_count, last_change = len(seen), time.perf_counter()
+        elif time.perf_counter() - last_change > LATENCY_QUIET_SECONDS:
+            break
+    stop.set()
+    poller.join(timeout=35)
+
+    latencies = [1000 * (seen[i] - committed[i]) for i in committed if i in seen]
+    patches = [1000 * (committed[i] - started[i]) for i in committed]
+    first, last = min(started.values()), max(started.values())
+    return {
+        "latency_p50_ms": _round(percentile(latencies, 50)),
+        "latency_p95_ms": _round(percentile(latencies, 95)),
+        "latency_p99_ms": _round(percentile(latencies, 99)),
+        "latency_max_ms": _round(max(latencies, default=None)),
+        "latency_changes": total,
+        "latency_committed": len(committed),
+        "latency_seen": len(latencies),
+        # Changes start at most 3 x rate at a time: when Blue answers slowly, fewer go per second.
+        "latency_rate_sent": round((total - 1) / (last - first), 2) if last > first else None,
+        "latency_drain_seconds": round(time.perf_counter() - sent, 1),
+        "latency_patch_p50_ms": _round(percentile(patches, 50)),
+        "latency_patch_p99_ms": _round(percentile(patches, 99)),
+        "latency_poll_p50_ms": _round(percentile([1000 * s for s in poll_seconds], 50)),
+        "latency_errors": errors[:20],
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+def git_version() -> str:
+    executable = shutil.which("git")
+    if executable is None:
+        return "unknown"
+
+    def git(*args: str) -> str:
+        return subprocess.run([executable, *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" (with local changes)" if git("status", "--porcelain") else "")
+
+
+def previous_results() -> dict | None:
+    """The last run's figures, kept as previous.json before this run can replace them."""
+    latest = RESULTS / "latest.json"
+    if not latest.exists():
+        return None
+    shutil.copyfile(latest, RESULTS / "previous.json")
+    try:
+        return json.loads(latest.read_text())
+    except ValueError:
+        return None
+
+
+def show(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 100 else f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def print_table(results: dict, previous: dict | None) -> None:
+    rows = [
+        ("issues", "issues"),
+        ("comments", "comments"),
+        ("bulk sync, wall time (s)", "bulk_seconds"),
+        ("bulk sync, entities/s", "bulk_entities_per_second"),
+        ("floor: bulk inserts (s)", "floor_seconds"),
+        ("bulk sync / floor", "ratio"),
+        ("latency p50 (ms)", "latency_p50_ms"),
+        ("latency p95 (ms)", "latency_p95_ms"),
+        ("latency p99 (ms)", "latency_p99_ms"),
+        ("latency changes seen/sent", None),
+        ("peak RSS, largest process (MB)", "peak_rss_mb"),
+    ]
+    old = previous or {}
+    header = f"{'figure':32} {'this run':>12} {'previous':>12}   target"
+    print(header)
+    print("-" * len(header))
+    for label, key in rows:
+        if key is None:
+            new = f"{results.get('latency_seen', '-')}/{results.get('latency_changes', '-')}"
+            before = f"{old.get('latency_seen', '-')}/{old.get('latency_changes', '-')}" if old else "-"
+            print(f"{label:32} {new:>12} {before:>12}")
+            continue
+        target = ""
+        if key in TARGETS:
+            limit, unit = TARGETS[key]
+            value = results.get(key)
+            verdict = "" if value is None else ("  meets" if value <= limit else "  misses")
+            target = f"<= {limit:,} {unit}{verdict}"
+        print(f"{label:32} {show(results.get(key)):>12} {show(old.get(key)) if old else '-':>12}   {target}")
+    cpu = ", ".join(f"{where} {seconds} s" for where, seconds in (results.get("bulk_cpu_seconds") or {}).items())
+    print(f"\nCPU time used during the bulk sync: {cpu or '-'}")
+    print(f"load average before and after: {results['load_before']} {results.get('load_after')}")
+    if not results.get("complete", True):
+        print(f"INCOMPLETE: Red holds {results.get('red_counts')}")
+    if results.get("blue_updates_left_sent"):
+        print(f"{results['blue_updates_left_sent']} of Blue's updates stayed 'sent' although their acks were applied")
+    print()
+    print(f"{'node':6} {'process':22} {'pid':>8} {'peak RSS MB':>12} {'VmHWM MB':>9} {'CPU s':>7} {'bulk CPU s':>10}")
+    for p in results["processes"]:
+        print(
+            f"{p['node']:6} {p['role']:22} {p['pid']:>8} {p['peak_rss_mb']:>12} {p['hwm_mb']:>9} "
+            f"{p['cpu_seconds']:>7} {show(p.get('bulk_cpu_seconds')):>10}"
+        )
+    for name, group in (results.get("profile") or {}).items():
+        print(f"\nprofile of {name} during the bulk sync ({group['samples']:,} samples, idle included):")
+        for kind, share in group["kinds"].items():
+            print(f"  {share:5.1f}%  {kind}")
+        print("  innermost project function (the code that made the call the sample is in):")
+        for function, share in list(group["project_functions_innermost"].items())[:10]:
+            print(f"    {share:5.1f}%  {function}")
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help=f"{SMALL_ISSUES:,} issues instead of {FULL_ISSUES:,}.")
+    parser.add_argument("--issues", type=int, help=f"How many issues (default {FULL_ISSUES:,}).")
+    parser.add_argument(
+        "--comments-per-issue",
+        type=float,
+        default=FULL_COMMENTS / FULL_ISSUES,
+        help=f"Average comments per issue (default {FULL_COMMENTS / FULL_ISSUES}: {FULL_COMMENTS:,} at full size).",
+    )
+    parser.add_argument("--latency-seconds", type=float, default=60, help="How long to measure latency (0: skip).")
+    parser.add_argument("--rate", type=float, default=20, help="Changes per second while measuring latency.")
+    parser.add_argument("--poll-interval", type=float, default=0.1, help="Seconds between reads of Red (latency).")
+    parser.add_argument("--profile", action="store_true", help="Record the workers with py-spy during the bulk.")
+    parser.add_argument("--redis-db", type=int, default=12, help="Redis database of Blue; Red uses the next one.")
+    parser.add_argument("--stall-seconds", type=float, default=300, help="Give up after this long without progress.")
+    args = parser.parse_args(argv)
+    if args.issues is None:
+        args.issues = SMALL_ISSUES if args.small else FULL_ISSUES
+    if args.issues < 1 or args.comments_per_issue < 0 or args.rate <= 0:
+        parser.error("--issues must be at least 1, --comments-per-issue at least 0 and --rate above 0")
+    return args
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    issues = args.issues
+    comments = round(issues * args.comments_per_issue)
+    signal.signal(signal.SIGTERM, _interrupted)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = previous_results()
+    results: dict = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": git_version(),
+        "cpus": os.cpu_count(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "args": vars(args),
+        "issues": issues,
+        "comments": comments,
+    }
+    root = Path(tempfile.mkdtemp(prefix="exalate-bench-"))
+    nodes: list[BenchNode] = []
+    watch = ProcessWatch()
+    profiler: Profiler | None = None
+    try:
+        say(f"floor: {issues:,} issues and {comments:,} comments into a fresh database")
+        floor = measure_floor(root, issues, comments)
+        results["floor_seconds"] = floor["seconds"]
+
+        say("starting Blue and Red")
+        blue = BenchNode("Blue", root, args.redis_db)
+        nodes.append(blue)
+        red = BenchNode("Red", root, args.redis_db + 1)
+        nodes.append(red)
+        blue.prepare()
+        red.prepare()
+        results["seed_seconds"] = seed(blue, issues, comments)["seconds"]
+        watch.start()
+        for node in nodes:
+            node.start()
+            watch.add(node)
+        blue_side, _ = pair(blue, red, triggers=False)
+        # Let the first polling pass over the new connection end before the clock starts.
+        wait_until_quiet(watch)
+
+        if args.profile:
+            profiler = Profiler(watch, RESULTS / "profile")
+            profiler.start()
+        say("bulk: trigger, run, wait until Red has everything and the acks are applied")
+        cpu_before = {(p["node"], p["pid"]): p["cpu_seconds"] for p in watch.report()}
+        results.update(run_bulk(blue, red, blue_side["id"], issues, comments, args.stall_seconds))
+        cpu_after = {(p["node"], p["pid"]): p["cpu_seconds"] for p in watch.report()}
+        if profiler is not None:
+            profiler.stop()
+            results["profile"] = profiler.summary()
+            profiler = None
+        results["ratio"] = round(results["bulk_seconds"] / results["floor_seconds"], 1)
+        say(f"bulk: {results['bulk_seconds']} s; latency: {args.rate}/s for {args.latency_seconds} s")
+
+        wait_until_quiet(watch)
+        results.update(
+            measure_latency(blue, red, issues, args.latency_seconds, args.rate, args.poll_interval)
+            if args.latency_seconds > 0
+            else {}
+        )
+        watch.stop()
+        results["processes"] = watch.report()
+        bulk_cpu: Counter = Counter()
+        for process in results["processes"]:
+            key = (process["node"], process["pid"])
+            if key in cpu_after:
+                process["bulk_cpu_seconds"] = round(cpu_after[key] - cpu_before.get(key, 0), 1)
+                where = "PostgreSQL" if process["pid"] == 0 else process["node"]
+                bulk_cpu[where] += process["bulk_cpu_seconds"]
+        results["bulk_cpu_seconds"] = {where: round(seconds, 1) for where, seconds in sorted(bulk_cpu.items())}
+        results["peak_rss_mb"] = max(max(p["peak_rss_mb"], p["hwm_mb"]) for p in results["processes"] if p["pid"] != 0)
+        results["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    except (BenchError, RuntimeError, AssertionError, requests.RequestException) as e:
+        say(f"the benchmark stopped: {e}")
+        for node in nodes:
+            say(f"{node.name}'s log ends with:\n{node.log()[-2000:]}")
+        return 1
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        watch.stop()
+        for node in nodes:
+            node.destroy()
+        shutil.rmtree(root, ignore_errors=True)
+
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results, previous)
+    print()
+    print(json.dumps({k: v for k, v in results.items() if k not in ("processes", "profile")}, indent=2))
+    print(f"\nAll figures, with every process and the profile: {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
