@@ -6,13 +6,14 @@ crash leaves either all of a step or none of it.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -287,6 +288,7 @@ def message_of(event: SyncEvent) -> dict[str, Any]:
 # --- receiving -------------------------------------------------------------------------------
 
 MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "restart"}
+MAX_SEQ = 2**31 - 1  # the largest sequence number every database column here holds
 
 
 def validate_message(message: Any) -> str | None:
@@ -304,6 +306,8 @@ def validate_message(message: Any) -> str | None:
         return f"kind must be one of {', '.join(Kind.values)}"
     if not isinstance(message.get("seq"), int) or isinstance(message.get("seq"), bool) or message["seq"] < 1:
         return "seq must be a positive whole number"
+    if message["seq"] > MAX_SEQ:
+        return f"seq must be at most {MAX_SEQ}"
     if not isinstance(message.get("key"), str) or not 0 < len(message["key"]) <= 100:
         return "key must be the sender's entity key"
     if message.get("remote_key") is not None and (
@@ -316,6 +320,11 @@ def validate_message(message: Any) -> str | None:
         return "acks must be a message id"
     if message.get("restart") not in (None, True, False):
         return "restart must be true or false"
+    # PostgreSQL stores no NUL character in text or JSON; refuse it here rather than fail later.
+    if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks")):
+        return "text must not contain NUL characters"
+    if message.get("replica") is not None and "\\u0000" in json.dumps(message["replica"]):
+        return "the replica must not contain NUL characters"
     return None
 
 
@@ -332,7 +341,7 @@ def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str,
                 if _store(connection, message):
                     kick()
             accepted.append(message["id"])
-        except (IntegrityError, ValueError) as e:
+        except (DatabaseError, ValueError) as e:
             rejected[message["id"]] = f"cannot store: {e}"
     Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now())
     return {"accepted": accepted, "rejected": rejected}

@@ -27,7 +27,7 @@ import requests
 import schemathesis
 from django.urls import get_resolver
 from django.utils.encoding import escape_uri_path
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
@@ -47,11 +47,7 @@ PULLING_OPERATIONS = r"^/api/v1/node/(pull|blobs)/"
 WEBHOOK_SECRET = "fuzz-webhook-secret-0123456789abcdef"
 SIGNED_OPERATIONS = r"^/api/v1/node/(messages|attachments|pull|blobs)/"
 UNSIGNED_NODE_OPERATIONS = r"^/api/v1/(node/handshake|webhooks)/"
-# syncqueue/flow.py (not this file's to change) lets through messages the database cannot store: a seq
-# beyond the integer column (SQLite: OverflowError, PostgreSQL: DataError) and, on PostgreSQL, text with
-# NUL characters in the key or the replica (DataError); the node answers 500. Such cases are left out of
-# the fuzzing; the strict xfail test_it_rejects_a_message_the_database_cannot_store turns red once
-# flow.py rejects them, and then this goes.
+# The largest seq the database columns hold; the node refuses a message beyond it (and NUL characters).
 MAX_STORABLE_SEQ = 2**31 - 1
 # Operations and examples per group, for the record.
 FIGURES: dict[str, tuple[dict[str, int], Counter]] = {}
@@ -193,23 +189,6 @@ class WebhookSignature(requests.auth.AuthBase):
         return request
 
 
-def has_nul(value) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(has_nul(k) or has_nul(v) for k, v in value.items())
-    return isinstance(value, list) and any(has_nul(item) for item in value)
-
-
-def hits_a_known_flow_bug(case) -> bool:
-    """A message that flow.receive lets through to the database, which refuses it (see KNOWN_FLOW_BUGS)."""
-    messages = case.body.get("messages") if isinstance(case.body, dict) else None
-    return isinstance(messages, list) and any(
-        isinstance(m, dict) and ((type(m.get("seq")) is int and m["seq"] > MAX_STORABLE_SEQ) or has_nul(m))
-        for m in messages
-    )
-
-
 def flatten(patterns, prefix: str = ""):
     for pattern in patterns:
         if hasattr(pattern, "url_patterns"):
@@ -278,7 +257,6 @@ def test_it_refuses_unsigned_node_requests_whatever_they_carry(api_schema, node)
 
 def test_it_answers_signed_node_requests_without_a_server_error(api_schema):
     def check(case):
-        assume(not hits_a_known_flow_bug(case))
         response = case.call(auth=NodeSignature())
         expect(response.status_code < 500, case, response)
         expect(response.status_code not in (401, 403) or not rebuilt_as_sent(response), case, response)
@@ -338,7 +316,6 @@ def post_signed(client, connection, body: bytes):
     return client.post(path, body, content_type="application/json", headers=headers)
 
 
-@pytest.mark.xfail(strict=True, reason="syncqueue/flow.py: validate_message lets these through (reported)")
 @pytest.mark.parametrize(
     "bad",
     [{"seq": MAX_STORABLE_SEQ + 1}, {"key": "P-\x00"}, {"replica": {"summary": "\x00"}}, {"acks": "\x00"}],
