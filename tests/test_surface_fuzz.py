@@ -36,6 +36,8 @@ from connections.models import Connection
 from syncqueue.models import SyncEvent
 from syncqueue.webhooks import signature as webhook_signature
 from tests.livenodes import LiveNode
+from trackers.builtin import actions
+from trackers.builtin.models import Issue, Project
 
 EXAMPLES = 60
 # The other node: one that we push to, and one that is private and pulls from us.
@@ -361,3 +363,46 @@ def test_the_schema_describes_every_api_route(alice_api):
         if str(pattern.pattern) == "api/v1/":
             routed |= {"/api/v1/" + route_of(p) for p in flatten(pattern.url_patterns)}
     assert routed - {"/api/v1/schema/"} == described
+
+
+# --- bodies over MAX_REQUEST_BYTES -----------------------------------------------------------------
+
+LIMIT = 4096
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/tracker/issues/",
+        "/api/v1/tracker/projects/",
+        "/api/v1/tracker/issues/BLUE-1/comments/",
+        "/api/v1/connections/invitations/",
+        "/api/v1/connections/accept/",
+        "/api/v1/connections/1/rules/",
+        "/api/v1/node/handshake/",
+        "/api/v1/node/messages/",
+        "/api/v1/webhooks/changed/",
+    ],
+)
+def test_a_body_over_the_limit_is_refused_before_anything_changes(alice_api, alice, project, settings, path):
+    issue = actions.create_issue(project, {"summary": "Before"}, actor=alice)
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = LIMIT
+    settings.WEBHOOK_SECRET = WEBHOOK_SECRET
+    body = json.dumps({"summary": "x" * LIMIT, "messages": [], "key": "BLUE-1"}).encode()
+    response = alice_api.post(path, body, content_type="application/json")
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
+    assert not SyncEvent.objects.exists()
+    assert not Connection.objects.exists()
+    assert list(Issue.objects.values_list("key", flat=True)) == [issue.key]
+    assert not issue.comments.exists()
+    assert Project.objects.count() == 1
+
+
+def test_the_live_node_refuses_a_signed_batch_over_the_limit(node):
+    body = json.dumps({"messages": [], "padding": "x" * (2_621_440 + 1)}).encode()
+    path = "/api/v1/node/messages/"
+    headers = {"Content-Type": "application/json", **signing.sign(PEER_SECRET, PEER_UUID, "POST", path, body)}
+    response = requests.post(node.url + path, data=body, headers=headers, timeout=30)
+    assert response.status_code == 413
+    assert "too large" in response.json()["error"]
