@@ -32,6 +32,8 @@ class Harness:
     outage: Callable[[], AbstractContextManager]
     # A query in the tracker's own language matching entities whose summary holds ``word``.
     query_for_word: Callable[[str], str]
+    # A query the tracker refuses (an unknown field or filter).
+    invalid_query: str
     # Whether editing a comment moves the entity's ``updated`` (Redmine's does not).
     comment_edits_bump_updated: bool = True
     supports_custom_fields: bool = True
@@ -269,6 +271,20 @@ def check_it_searches_in_its_own_query_language(h: Harness) -> None:
         if cursor is None:
             break
     assert sorted(found) == sorted(wanted)
+
+
+def check_it_tells_whether_one_entity_matches_a_query(h: Harness) -> None:
+    word = f"match{uuid.uuid4().hex[:6]}"
+    query = h.query_for_word(word)
+    hit = h.new(summary=f"A {word} here")
+    miss = h.new(summary="A haystack")
+    assert h.tracker.matches(query, hit.key) is True
+    assert h.tracker.matches(query, miss.key) is False
+    h.tracker.update(miss.key, {"summary": f"Now a {word} too", "status": h.statuses[1]})
+    assert h.tracker.matches(query, miss.key) is True, "matches reads the entity as it is now"
+    assert sorted(e.key for e in h.tracker.search(query).entities) == sorted([hit.key, miss.key]), "as search reads it"
+    assert h.tracker.matches(query, f"{h.project}-999999") is False, "an unknown entity matches nothing"
+    expect_error(lambda: h.tracker.matches(h.invalid_query, hit.key), "matches with an invalid query", permanent=True)
 
 
 def check_it_names_the_sync_account_on_its_writes(h: Harness) -> None:

@@ -15,6 +15,8 @@ import pytest
 from django.db import OperationalError
 
 from tests import contract
+from tests.redmine_live import MISSING as REDMINE_MISSING
+from tests.redmine_live import SETTINGS as REDMINE_SETTINGS
 from trackers.builtin.adapter import BuiltinTracker
 from trackers.builtin.models import Project
 from trackers.redmine.adapter import RedmineTracker
@@ -47,13 +49,8 @@ def builtin_harness(django_user_model) -> contract.Harness:
         assignee="dana",
         outage=_database_down,
         query_for_word=lambda word: word,
+        invalid_query="nosuchfield:x",
     )
-
-
-REDMINE_SETTINGS = ("REDMINE_URL", "REDMINE_API_KEY", "REDMINE_PROJECT")
-REDMINE_MISSING = (
-    "REDMINE_URL, REDMINE_API_KEY and REDMINE_PROJECT are not set; scripts/redmine up starts a local Redmine"
-)
 
 
 def _closed_port() -> int:
@@ -106,6 +103,7 @@ def redmine_harness(django_user_model) -> contract.Harness:
         assignee=_redmine_assignee(tracker.client, project),
         outage=unreachable,
         query_for_word=lambda word: f"subject=~{word}",
+        invalid_query="no_such_filter=1",
         comment_edits_bump_updated=False,
         # Redmine cannot create custom fields over REST, so the contract's "Customer" is not there.
         supports_custom_fields=False,
