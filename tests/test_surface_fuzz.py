@@ -35,6 +35,7 @@ from connections import signing
 from connections.models import Connection
 from syncqueue.models import SyncEvent
 from syncqueue.webhooks import signature as webhook_signature
+from tests.helpers import assert_error
 from tests.livenodes import LiveNode
 from trackers.builtin import actions
 from trackers.builtin.models import Issue, Project
@@ -406,3 +407,15 @@ def test_the_live_node_refuses_a_signed_batch_over_the_limit(node):
     response = requests.post(node.url + path, data=body, headers=headers, timeout=30)
     assert response.status_code == 413
     assert "too large" in response.json()["error"]
+
+
+# --- what the fuzzing found ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [({"connection": "423728826532383293440"}, "connection"), ({"local_key": "BLUE-\x00"}, "local_key")],
+    ids=["connection id past the column", "NUL in a key"],
+)
+def test_the_twin_list_refuses_a_filter_the_database_cannot_take(alice_api, query, field):
+    assert_error(alice_api.get("/api/v1/twins/", query), 400, field)
