@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -70,9 +70,14 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
     if connection.active_rules is None:
         raise SyncRefused("the connection has no active rules")
     tracker = tracker or local_tracker()
+    seen = twin_versions(connection, [key]).get(key, 0)
     entity = tracker.get(key)
     with transaction.atomic():
         twin, _ = Twin.objects.select_for_update().get_or_create(connection=connection, local_key=entity.key)
+        if twin.in_seq != seen:
+            # An incoming message was applied between our read and the lock: read what it wrote,
+            # or the older state would go out as a new change.
+            entity = tracker.get(entity.key)
         restart = twin.state == Twin.State.STOPPED
         if restart:
             if not force:
@@ -98,12 +103,26 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
         return _queue(twin, Kind.UPDATE, replica, digest, restart=restart)
 
 
-def sync_many(connection: Connection, entities, *, tracker: Tracker) -> int:
+def twin_versions(connection: Connection, keys=None) -> dict[str, int]:
+    """Local key -> how many incoming messages its twin has applied; read *before* reading entities.
+
+    ``sync_many`` and ``sync_entity`` compare it under the twin's lock: a twin that applied a
+    message since has an entity newer than the one read, which is read again.
+    """
+    twins = Twin.objects.filter(connection=connection, local_key__isnull=False)
+    if keys is not None:
+        twins = twins.filter(local_key__in=list(keys))
+    return dict(twins.values_list("local_key", "in_seq"))
+
+
+def sync_many(connection: Connection, entities, *, tracker: Tracker, versions: dict[str, int] | None = None) -> int:
     """``sync_entity`` for entities already read (a trigger's or a poll's page): one transaction,
     twins read and written in bulk, events inserted together. Stopped twins stay stopped.
 
-    Returns how many updates were queued.
+    ``versions`` is ``twin_versions`` taken before the entities were read (without it, every
+    entity whose twin ever applied a message is read again). Returns how many updates were queued.
     """
+    versions = versions or {}
     if connection.status == Connection.Status.PENDING:
         raise SyncRefused("the connection is not active yet")
     if connection.active_rules is None:
@@ -120,9 +139,11 @@ def sync_many(connection: Connection, entities, *, tracker: Tracker) -> int:
         twins = Twin.objects.select_for_update().filter(connection=connection, local_key__in=list(entities))
         changed, events = [], []
         for twin in twins.order_by("id"):
-            entity = entities[twin.local_key]
             if twin.state == Twin.State.STOPPED:
                 continue
+            entity = entities[twin.local_key]
+            if twin.in_seq != versions.get(twin.local_key, 0):
+                entity = tracker.get(twin.local_key)  # an incoming message was applied since the read
             try:
                 replica, _ = processors.run_outgoing(connection, rules, entity, twin)
             except StopSync:
@@ -341,15 +362,25 @@ def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str,
                 if _store(connection, message):
                     kick()
             accepted.append(message["id"])
+        except IntegrityError as e:
+            # The same message delivered twice at once: the other request stored it, and that is success.
+            if _stored(connection, message["id"]):
+                accepted.append(message["id"])
+            else:
+                rejected[message["id"]] = f"cannot store: {e}"
         except (DatabaseError, ValueError) as e:
             rejected[message["id"]] = f"cannot store: {e}"
     Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now())
     return {"accepted": accepted, "rejected": rejected}
 
 
+def _stored(connection: Connection, message_id: str) -> bool:
+    return SyncEvent.objects.filter(connection=connection, direction=Direction.INCOMING, message_id=message_id).exists()
+
+
 def _store(connection: Connection, message: dict[str, Any]) -> bool:
     """True when the message is new here."""
-    if SyncEvent.objects.filter(connection=connection, direction=Direction.INCOMING, message_id=message["id"]).exists():
+    if _stored(connection, message["id"]):
         return False
     twin = None
     if message.get("remote_key"):
@@ -446,6 +477,11 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
             _queue(twin, Kind.STOP, None)
             _finish(event, rules)
             return
+        if event.kind == Kind.ACK and _answers_an_older_update(twin, event):
+            # A later update of ours is on its way: this ack shows the other side before it, so
+            # its field values are older than ours here and must not undo them. (Its comments and
+            # attachments are merged as usual; the next ack brings the fields.)
+            plan.fields = {}
         limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
         written = processors.apply_plan(
             tracker,
@@ -473,6 +509,19 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
         else:
             twin.save()
         _finish(event, rules)
+
+
+def _answers_an_older_update(twin: Twin, ack: SyncEvent) -> bool:
+    acked = (
+        SyncEvent.objects.filter(
+            connection_id=twin.connection_id, direction=Direction.OUTGOING, message_id=ack.payload.get("acks")
+        )
+        .values_list("seq", flat=True)
+        .first()
+    )
+    return (
+        acked is not None and twin.events.filter(direction=Direction.OUTGOING, kind=Kind.UPDATE, seq__gt=acked).exists()
+    )
 
 
 def _mark_acknowledged(connection: Connection, ack: SyncEvent) -> None:

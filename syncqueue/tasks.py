@@ -1,11 +1,10 @@
 """The django-q2 tasks that run the queue: a kick when events are queued, and a steady tick.
 
-``kick`` enqueues ``work`` at most a few times a second per process; ``tick`` runs every
-minute from a django-q2 schedule and, for most of that minute, retries due events,
-reclaims expired leases, polls trackers and pulls from remotes (on a private node), so
-nothing waits long for the next kick. One tick runs at a time across all clusters (a
-lease in the database), and ``runnode`` starts one at once instead of waiting for the
-scheduler.
+``kick`` enqueues ``work`` at most a few times a second per process; ``tick`` retries due
+events, reclaims expired leases, polls trackers and pulls from remotes (on a private node)
+about once a second for most of a minute, then queues the next tick, so nothing waits
+long for the next kick. One tick runs at a time across all clusters (a lease in the
+database); ``runnode`` starts the chain, and a minute schedule restarts it if it broke.
 """
 
 from __future__ import annotations
@@ -49,16 +48,30 @@ def tick() -> int:
         return 0  # another tick runs (one started with the node, and the schedule fired too)
     handled = 0
     deadline = time.monotonic() + TICK_SECONDS
-    while time.monotonic() < deadline:
-        try:
-            triggers.poll_due()
-        except Exception:
-            log.exception("polling failed")
-        handled += worker.drain(budget_seconds=max(0.0, deadline - time.monotonic()))
-        time.sleep(TICK_PAUSE)
-    worker.cleanup()
-    Lease.objects.filter(name=TICK_LEASE, owner=owner).update(expires=timezone.now())
+    try:
+        while time.monotonic() < deadline:
+            try:
+                triggers.poll_due()
+            except Exception:
+                log.exception("polling failed")
+            try:
+                handled += worker.drain(budget_seconds=max(0.0, deadline - time.monotonic()))
+            except Exception:
+                log.exception("working the queue failed")
+            time.sleep(TICK_PAUSE)
+        worker.cleanup()
+    finally:
+        Lease.objects.filter(name=TICK_LEASE, owner=owner).update(expires=timezone.now())
+        # The next tick follows at once; the minute schedule only restarts the chain if it broke.
+        _enqueue_tick()
     return handled
+
+
+def _enqueue_tick() -> None:
+    try:
+        async_task("syncqueue.tasks.tick", task_name="syncqueue tick", save=False)
+    except Exception:
+        log.exception("could not queue the next tick; the schedule starts one within a minute or two")
 
 
 TICK_LEASE = "tick"
@@ -67,7 +80,7 @@ TICK_LEASE = "tick"
 def take_lease(name: str, owner: str, seconds: float) -> bool:
     """Whether ``owner`` now holds lease ``name`` (free, or expired) for ``seconds``."""
     now = timezone.now()
-    Lease.objects.get_or_create(name=name)
+    Lease.objects.get_or_create(name=name, defaults={"expires": now})
     return bool(
         Lease.objects.filter(name=name, expires__lte=now).update(owner=owner, expires=now + timedelta(seconds=seconds))
     )
@@ -76,7 +89,7 @@ def take_lease(name: str, owner: str, seconds: float) -> bool:
 def start() -> None:
     """At node start: begin a tick now rather than when the schedule next fires (up to a minute or so)."""
     Lease.objects.filter(name=TICK_LEASE).update(expires=timezone.now())  # its holder died with the old cluster
-    async_task("syncqueue.tasks.tick", task_name="syncqueue tick", save=False)
+    _enqueue_tick()
 
 
 def ensure_schedule(**kwargs) -> None:

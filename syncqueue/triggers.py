@@ -69,8 +69,9 @@ def sync_all_matches(trigger: Trigger, tracker: Tracker | None = None) -> int:
     tracker = tracker or flow.local_tracker()
     queued, cursor = 0, None
     while True:
+        versions = flow.twin_versions(trigger.connection)
         page = tracker.search(trigger.query, cursor=cursor, limit=200)
-        queued += flow.sync_many(trigger.connection, page.entities, tracker=tracker)
+        queued += flow.sync_many(trigger.connection, page.entities, tracker=tracker, versions=versions)
         cursor = page.next_cursor
         if cursor is None:
             break
@@ -96,9 +97,10 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     )
     queued, cursor = 0, None
     while True:
+        versions = flow.twin_versions(connection)
         page = tracker.changed_since(started, cursor=cursor, limit=200)
         wanted = [entity for entity in page.entities if _should_sync(connection, entity, tracker, twinned)]
-        queued += flow.sync_many(connection, wanted, tracker=tracker)
+        queued += flow.sync_many(connection, wanted, tracker=tracker, versions=versions)
         if page.high_water and (high_water is None or page.high_water > high_water):
             high_water = page.high_water
         cursor = page.next_cursor

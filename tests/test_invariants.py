@@ -30,6 +30,7 @@ from tests.syncpair import (
 )
 from trackers.base import TrackerUnavailable
 from trackers.builtin import actions
+from trackers.builtin.adapter import BuiltinTracker
 from trackers.builtin.models import Attachment, Issue
 
 RED_DOWN = transport.RemoteError("Red does not answer at http://red.example (ConnectionError)")
@@ -234,6 +235,38 @@ def bounce(red, capture) -> None:
         work()
 
 
+def test_it_does_not_send_back_an_older_state_read_while_a_change_was_being_applied(red):
+    red.send(red.update(summary="Version 1"))
+    work()
+    key = red.twin().local_key
+    versions = flow.twin_versions(red.connection)
+    read_before = tracker().get(key)
+    red.send(red.update(summary="Version 2"))  # applied after the read, before the twin's lock
+    work()
+    assert flow.sync_many(red.connection, [read_before], tracker=tracker(), versions=versions) == 0
+    assert [e.kind for e in red.outgoing()] == ["ack", "ack"], "Version 1 did not go back as a change"
+
+
+def test_a_single_sync_does_not_send_back_an_older_state_either(red):
+    red.send(red.update(summary="Version 1"))
+    work()
+    key = red.twin().local_key
+
+    class Racing(BuiltinTracker):
+        raced = False
+
+        def get(self, key):
+            entity = super().get(key)
+            if not Racing.raced:
+                Racing.raced = True
+                red.send(red.update(summary="Version 2"))
+                work()
+            return entity
+
+    assert flow.sync_entity(red.connection, key, tracker=Racing()) is None
+    assert [e.kind for e in red.outgoing()] == ["ack", "ack"]
+
+
 def test_it_stops_a_twin_that_bounces_without_settling(red, django_capture_on_commit_callbacks):
     use_rules(red.connection, incoming=LOOPING_RULES)
     with django_capture_on_commit_callbacks(execute=True):
@@ -340,6 +373,18 @@ def test_edits_of_different_fields_on_both_sides_at_once_both_survive(red, alice
     entity = tracker().get(issue.key)
     assert (entity.summary, entity.description) == ("Renamed on Red", "New words from Blue")
     assert not Conflict.objects.exists()
+
+
+def test_an_edit_made_before_the_first_sync_is_acknowledged_survives_the_acknowledgement(red, alice):
+    issue = blue_issue(alice, summary="First words")
+    first = flow.sync_entity(red.connection, issue.key)
+    actions.update_issue(issue, {"summary": "Second thoughts"}, actor=alice)
+    flow.sync_entity(red.connection, issue.key)  # on its way too, after the first
+    # Red's acknowledgement of the first update shows Red before the second one.
+    red.send(red.ack(first.message_id, key="RED-1", remote_key=issue.key, summary="First words"))
+    work()
+    assert tracker().get(issue.key).summary == "Second thoughts"
+    assert [e.kind for e in red.outgoing()] == ["update", "update"], "nothing was undone, so nothing goes again"
 
 
 def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policy_and_recorded(red, alice, bob_api):
