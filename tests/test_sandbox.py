@@ -245,7 +245,8 @@ def test_it_stops_a_recursion_bomb():
     assert "RecursionError" in caught.value.message
 
 
-BAD_SCRIPTS = [ENDLESS[0], ENDLESS[-1], HUGE[0], "def dive():\n    return dive()\ndive()", "1 / 0", ESCAPES[2]]
+# Every attempt of the corpus, then a plain script: the interpreter must be as it was after each.
+BAD_SCRIPTS = [*ESCAPES, *ENDLESS, *HUGE, "def dive():\n    return dive()\ndive()", "1 / 0"]
 
 
 @pytest.mark.parametrize("source", BAD_SCRIPTS)
