@@ -45,7 +45,10 @@ class BenchNode(LiveNode):
             self.env.pop(name_, None)
         self.redis_url = f"{REDIS}/{redis_db}"
         self.env.update(REDIS_URL=self.redis_url, DEBUG="false", LOG_LEVEL="WARNING")
+
+    def prepare(self) -> None:
         redis.Redis.from_url(self.redis_url).flushdb()
+        super().prepare()
 
     @property
     def group(self) -> int | None:
@@ -56,12 +59,6 @@ class BenchNode(LiveNode):
         super().destroy()
         redis.Redis.from_url(self.redis_url).flushdb()
         shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
-def postgres_databases(prefix: str) -> list[str]:
-    with psycopg.connect(POSTGRES, autocommit=True) as db:
-        rows = db.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", [prefix + "%"]).fetchall()
-    return [row[0] for row in rows]
 
 
 # --- processes -----------------------------------------------------------------------------

@@ -371,8 +371,16 @@ def print_table(results: dict, previous: dict | None) -> None:
             verdict = "" if value is None else ("  meets" if value <= limit else "  misses")
             target = f"<= {limit:,} {unit}{verdict}"
         print(f"{label:32} {show(results.get(key)):>12} {show(old.get(key)) if old else '-':>12}   {target}")
-    cpu = ", ".join(f"{where} {seconds} s" for where, seconds in (results.get("bulk_cpu_seconds") or {}).items())
-    print(f"\nCPU time used during the bulk sync: {cpu or '-'}")
+    print()
+    for phase in ("bulk", "latency"):
+        spent = results.get(f"{phase}_cpu_seconds") or {}
+        cpu = ", ".join(f"{where} {seconds} s" for where, seconds in spent.items())
+        print(f"CPU time used during the {phase} phase: {cpu or '-'}")
+    if results.get("latency_cpu_ms_per_change") is not None:
+        print(
+            f"latency phase: {results['latency_rate_sent']} changes/s sent (of {results['args']['rate']}), "
+            f"PATCH p50 {results['latency_patch_p50_ms']} ms, {results['latency_cpu_ms_per_change']} ms CPU per change"
+        )
     print(f"load average before and after: {results['load_before']} {results.get('load_after')}")
     if not results.get("complete", True):
         print(f"INCOMPLETE: Red holds {results.get('red_counts')}")
@@ -395,6 +403,18 @@ def print_table(results: dict, previous: dict | None) -> None:
 
 
 # --- the run -------------------------------------------------------------------------------
+
+
+def cpu_snapshot(watch: ProcessWatch) -> dict[tuple[str, int], float]:
+    return {(p["node"], p["pid"]): p["cpu_seconds"] for p in watch.report()}
+
+
+def cpu_spent(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds used between two snapshots, by node, and by the nodes' PostgreSQL backends."""
+    spent: Counter = Counter()
+    for (node, pid), seconds in after.items():
+        spent["PostgreSQL" if pid == 0 else node] += seconds - before.get((node, pid), 0)
+    return {where: round(seconds, 1) for where, seconds in sorted(spent.items())}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -429,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     issues = args.issues
     comments = round(issues * args.comments_per_issue)
+    # Also when started with SIGINT ignored (as a background job of a script is).
+    signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     RESULTS.mkdir(parents=True, exist_ok=True)
     previous = previous_results()
@@ -470,9 +492,10 @@ def main(argv: list[str] | None = None) -> int:
             profiler = Profiler(watch, RESULTS / "profile")
             profiler.start()
         say("bulk: trigger, run, wait until Red has everything and the acks are applied")
-        cpu_before = {(p["node"], p["pid"]): p["cpu_seconds"] for p in watch.report()}
+        cpu_before = cpu_snapshot(watch)
         results.update(run_bulk(blue, red, blue_side["id"], issues, comments, args.stall_seconds))
-        cpu_after = {(p["node"], p["pid"]): p["cpu_seconds"] for p in watch.report()}
+        cpu_after = cpu_snapshot(watch)
+        results["bulk_cpu_seconds"] = cpu_spent(cpu_before, cpu_after)
         if profiler is not None:
             profiler.stop()
             results["profile"] = profiler.summary()
@@ -481,21 +504,18 @@ def main(argv: list[str] | None = None) -> int:
         say(f"bulk: {results['bulk_seconds']} s; latency: {args.rate}/s for {args.latency_seconds} s")
 
         wait_until_quiet(watch)
-        results.update(
-            measure_latency(blue, red, issues, args.latency_seconds, args.rate, args.poll_interval)
-            if args.latency_seconds > 0
-            else {}
-        )
+        if args.latency_seconds > 0:
+            latency_before = cpu_snapshot(watch)
+            results.update(measure_latency(blue, red, issues, args.latency_seconds, args.rate, args.poll_interval))
+            results["latency_cpu_seconds"] = cpu_spent(latency_before, cpu_snapshot(watch))
+            per_change = sum(results["latency_cpu_seconds"].values()) / max(1, results["latency_committed"])
+            results["latency_cpu_ms_per_change"] = round(1000 * per_change, 1)
         watch.stop()
         results["processes"] = watch.report()
-        bulk_cpu: Counter = Counter()
         for process in results["processes"]:
             key = (process["node"], process["pid"])
             if key in cpu_after:
                 process["bulk_cpu_seconds"] = round(cpu_after[key] - cpu_before.get(key, 0), 1)
-                where = "PostgreSQL" if process["pid"] == 0 else process["node"]
-                bulk_cpu[where] += process["bulk_cpu_seconds"]
-        results["bulk_cpu_seconds"] = {where: round(seconds, 1) for where, seconds in sorted(bulk_cpu.items())}
         results["peak_rss_mb"] = max(max(p["peak_rss_mb"], p["hwm_mb"]) for p in results["processes"] if p["pid"] != 0)
         results["load_after"] = [round(x, 2) for x in os.getloadavg()]
     except KeyboardInterrupt:
@@ -507,10 +527,16 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{node.name}'s log ends with:\n{node.log()[-2000:]}")
         return 1
     finally:
+        # A second Ctrl-C must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if profiler is not None:
             profiler.stop()
         watch.stop()
         for node in nodes:
+            # The node's log (gunicorn, django-q2 at WARNING) outlives it, for a look afterwards.
+            if node.log_path.exists():
+                shutil.copyfile(node.log_path, RESULTS / f"{node.name.lower()}.log")
             node.destroy()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -518,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, previous)
     print()
     print(json.dumps({k: v for k, v in results.items() if k not in ("processes", "profile")}, indent=2))
-    print(f"\nAll figures, with every process and the profile: {RESULTS / 'latest.json'}")
+    print(f"\nAll figures, with every process and the profile: {RESULTS / 'latest.json'}; node logs beside it")
     return 0
 
 
