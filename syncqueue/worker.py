@@ -183,19 +183,20 @@ def delivered(connection: Connection, events: list[SyncEvent], answer: dict) -> 
     accepted = {str(i) for i in answer.get("accepted", [])}
     rejected = answer.get("rejected") or {}
     now = timezone.now()
+    taken = [e for e in events if str(e.message_id) in accepted]
     with transaction.atomic():
+        # Only events still being sent: the ack of an update can be applied before this answer
+        # is read, and an update it finished stays finished.
+        still_sending = SyncEvent.objects.filter(status=Status.SENDING)
+        still_sending.filter(pk__in=[e.pk for e in taken if e.kind == Kind.UPDATE]).update(
+            status=Status.SENT, lease_owner="", lease_expires=None, error=""
+        )
+        still_sending.filter(pk__in=[e.pk for e in taken if e.kind != Kind.UPDATE]).update(
+            status=Status.DONE, lease_owner="", lease_expires=None, error="", finished=now
+        )
         for event in events:
             message_id = str(event.message_id)
-            if message_id in accepted:
-                status = Status.SENT if event.kind == Kind.UPDATE else Status.DONE
-                SyncEvent.objects.filter(pk=event.pk).update(
-                    status=status,
-                    lease_owner="",
-                    lease_expires=None,
-                    error="",
-                    finished=now if status == Status.DONE else None,
-                )
-            else:
+            if message_id not in accepted:
                 reason = str(rejected.get(message_id, "not accepted by the remote node"))
                 flow.record_failure(event, transport.RemoteError(f"the remote node refused it: {reason}", True))
         Connection.objects.filter(pk=connection.pk).update(last_contact=now, status_detail="")

@@ -46,3 +46,23 @@ def test_it_puts_a_connection_in_error_when_the_remote_no_longer_knows_it(projec
     lifecycle.set_active(connection, True)
     connection.refresh_from_db()
     assert connection.status == "active"
+
+
+def test_an_update_acknowledged_before_its_send_returns_stays_finished(project, alice):
+    from syncqueue import flow, transport
+    from syncqueue.models import SyncEvent
+    from tests.syncpair import connect_red
+    from trackers.builtin import actions
+
+    connection = connect_red()
+    event = flow.sync_entity(connection, actions.create_issue(project, {"summary": "Quick"}, alice).key)
+
+    def post_and_ack_at_once(connection, messages):
+        # The other side applied it and its ack was applied here before this answer is read.
+        SyncEvent.objects.filter(pk=event.pk).update(status="done")
+        return {"accepted": [m["id"] for m in messages], "rejected": {}}
+
+    with mock.patch.object(transport, "post_messages", side_effect=post_and_ack_at_once):
+        worker.send_outgoing("test-worker")
+    event.refresh_from_db()
+    assert event.status == "done", "not back to 'sent', waiting for an ack that already came"
