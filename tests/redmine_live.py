@@ -219,6 +219,7 @@ class PollWatch:
         self.every = every
         self.first: datetime | None = None
         self.longest = timedelta(0)
+        self.longest_seen: datetime | None = None
         self._last: datetime | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"poll watch {node.name}", daemon=True)
@@ -237,10 +238,10 @@ class PollWatch:
             if polled is None:
                 continue
             now = datetime.now(UTC)
-            if self._last is not None and polled != self._last:
-                self.longest = max(self.longest, polled - self._last)
+            gap = max(now - polled, polled - self._last if self._last else timedelta(0))
+            if gap > self.longest:
+                self.longest, self.longest_seen = gap, now
             self._last, self.first = polled, self.first or polled
-            self.longest = max(self.longest, now - polled)
 
     def _read(self) -> datetime | None:
         try:
@@ -290,8 +291,7 @@ class RedminePair:
             self.add_trigger(self.builtin, f"project:{self.builtin.project}")
             self.add_trigger(self.redmine, "status_id=*")
             if wait_for_polling:
-                # django-q2 runs its schedules first about 30 s after the node starts; until the
-                # first polling pass a Redmine change waits for that, not for the poll interval.
+                # So that a measurement starts with the node polling, not with its start-up.
                 wait_for(lambda: last_poll(self.redmine), timeout=FIRST_POLL_TIMEOUT, what="the first poll")
         except BaseException:
             self.close()

@@ -90,8 +90,10 @@ def drained(node: LiveNode) -> bool:
 
 def twin_settled(node: LiveNode, **which: str) -> bool:
     """The twin (by local_key or remote_key) has nothing waiting; failed or blocked raises SyncBroke."""
-    (twin,) = node.twins(**which)
-    detail = node.api("GET", f"twins/{twin['id']}/")
+    twins = node.twins(**which)
+    if not twins:
+        return False
+    detail = node.api("GET", f"twins/{twins[0]['id']}/")
     if detail["state"] == "blocked" or any(e["status"] == "failed" for e in detail["events"]):
         raise SyncBroke(f"{node.name}: twin {which} is {detail['state']}: {detail['last_error']}")
     return all(e["status"] == "done" for e in detail["events"])
@@ -157,7 +159,7 @@ def snapshot(sync: RedminePair) -> dict:
     }
 
 
-# --- first syncs and an outage: no polling needed, so they run while the Redmine node starts polling
+# --- first syncs, and Redmine going away for a while -------------------------------------------
 
 
 def test_it_creates_the_redmine_issue_on_first_sync_with_the_built_in_key(sync):
@@ -316,19 +318,10 @@ def test_it_settles_with_no_echo_and_no_doubles(sync):
     assert sorted(external_ids.items()) == first["redmine twins"], "each Redmine issue names its built-in twin"
 
 
-# --- known bugs of the sync core. These leave twins bouncing or blocked, so they come after the checks of
-# the whole sync and check only their own twins; the polling watch comes last, to cover a full minute.
+# --- edits racing the sync's own writes. Should they fail, they leave twins bouncing or blocked, so they
+# come after the checks of the whole sync and check only their own twins.
 
 
-# Not strict: whether a polling pass overlaps the write in Redmine is a matter of timing (seen in
-# 1 to 4 of 8 edits), so this passes now and then; once the race is gone, drop the mark.
-@pytest.mark.xfail(
-    strict=False,
-    reason="syncqueue/triggers.py poll + flow.sync_many/sync_entity read an issue before taking its twin's lock: "
-    "a read made while the Redmine node applies an incoming update waits on that lock and is then queued as a "
-    "change, so the old values go back to the built-in side and the two sides flip back and forth; some edits "
-    "end lost, or the twin is blocked as a sync loop",
-)
 def test_it_sends_built_in_edits_and_statuses_to_redmine_once(sync):
     keys = [sync.builtin.create_issue(summary=f"Edit me {n}")["key"] for n in range(4)]
     issue_ids = {key: redmine_id_of(sync, key) for key in keys}
@@ -357,13 +350,6 @@ def test_it_sends_built_in_edits_and_statuses_to_redmine_once(sync):
         assert sync.builtin.issue(key)["summary"] == f"Second edit of {key}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="syncqueue/flow.py apply_incoming + processors.merge_fields: the acknowledgement of a first sync, "
-    "applied after a newer local edit was sent, is merged with no base yet, so merge_fields takes all its (older) "
-    "values and undoes the edit; the undo is sent as a new change and the two sides flip the summary back and "
-    "forth until the acks catch up or loop detection blocks the twin",
-)
 def test_it_keeps_an_edit_made_before_the_first_sync_is_acknowledged(sync):
     connection = f"connections/{sync.builtin.connection}/"
     # A deactivated connection collects changes and sends them together when activated again.
@@ -380,13 +366,11 @@ def test_it_keeps_an_edit_made_before_the_first_sync_is_acknowledged(sync):
     assert history(issue, "subject") == ["Second words"], "the summary went back and forth in Redmine"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="syncqueue/tasks.py: polling runs only inside the tick task (55 s of work, scheduled each minute "
-    "by django-q2, whose scheduler looks every 30 s), so a Redmine node goes up to ~37 s a minute without "
-    "polling, and ~30-45 s after it starts",
-)
-def test_it_polls_redmine_every_few_poll_intervals(polling):
-    # A minute of watching covers a whole cycle of the schedule, whichever tests ran before.
+# Last, so that it has watched for a minute whatever ran before.
+def test_it_polls_redmine_every_few_poll_intervals_all_along(polling):
+    # A minute covers the tick's whole cycle (it hands over to the next about once a minute).
     time.sleep(max(0.0, 65 - polling.watched().total_seconds()))
-    assert polling.longest <= timedelta(seconds=3 * POLL), f"no polling pass for {polling.longest}"
+    # A pass waits while the worker drains a burst of events, hence some slack over one interval.
+    assert polling.longest <= timedelta(seconds=5 * POLL), (
+        f"no polling pass for {polling.longest}, until {polling.longest_seen:%H:%M:%S}"
+    )
