@@ -183,6 +183,10 @@ def trigger_add(request: HttpRequest, pk: int) -> HttpResponse:
     return _to_detail(connection)
 
 
+# Past this the run goes on in the background (a page answer must not wait minutes).
+RUN_BUDGET_SECONDS = 20
+
+
 @admins_only
 @require_POST
 def trigger_run(request: HttpRequest, pk: int) -> HttpResponse:
@@ -192,7 +196,7 @@ def trigger_run(request: HttpRequest, pk: int) -> HttpResponse:
 
     trigger = get_object_or_404(Trigger.objects.select_related("connection__active_rules"), pk=pk)
     try:
-        queued = triggers.sync_all_matches(trigger)
+        queued = triggers.sync_all_matches(trigger, budget_seconds=RUN_BUDGET_SECONDS)
     except (flow.SyncRefused, TrackerError) as e:
         messages.error(request, f"Could not sync the matches of {trigger.query}: {e}.")
     else:

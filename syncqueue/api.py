@@ -194,6 +194,10 @@ class TwinAction(APIView):
         return Response({"state": Twin.State.OK, "retried": retried})
 
 
+# Past this a trigger run goes on in the background; the answer counts what was queued so far.
+RUN_BUDGET_SECONDS = 20
+
+
 class RunTrigger(APIView):
     """ "Sync all matches now": every entity matching the trigger comes under sync."""
 
@@ -202,7 +206,7 @@ class RunTrigger(APIView):
     def post(self, request, pk: int):
         trigger = generics.get_object_or_404(Trigger.objects.select_related("connection__active_rules"), pk=pk)
         try:
-            queued = triggers.sync_all_matches(trigger)
+            queued = triggers.sync_all_matches(trigger, budget_seconds=RUN_BUDGET_SECONDS)
         except flow.SyncRefused as e:
             return Response({"error": str(e)}, status=status.HTTP_409_CONFLICT)
         except TrackerError as e:

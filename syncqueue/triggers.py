@@ -11,10 +11,12 @@ The manual operation and the REST API call ``flow.sync_entity`` directly.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from django.db.models import F, Q
 from django.utils import timezone
+from django_q.tasks import async_task
 
 from connections.models import Connection, Node, Trigger
 from syncqueue import flow, health
@@ -64,10 +66,18 @@ def on_entity_changed(sender, key: str, change: str, actor=None, **kwargs) -> No
         log.warning("could not sync %s after a change: %s", key, e)
 
 
-def sync_all_matches(trigger: Trigger, tracker: Tracker | None = None) -> int:
-    """Bring every entity matching ``trigger`` under sync now; returns how many were queued."""
+def sync_all_matches(
+    trigger: Trigger, tracker: Tracker | None = None, *, budget_seconds: float | None = None, cursor: str | None = None
+) -> int:
+    """Bring every entity matching ``trigger`` under sync; returns how many were queued.
+
+    With ``budget_seconds``, pages stop once the budget is spent and a background task
+    goes on from there (in budgets of its own), so a trigger matching tens of thousands
+    of entities never holds a web request or a task past its time limit.
+    """
     tracker = tracker or flow.local_tracker()
-    queued, cursor = 0, None
+    deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
+    queued = 0
     while True:
         versions = flow.twin_versions(trigger.connection)
         page = tracker.search(trigger.query, cursor=cursor, limit=200)
@@ -75,8 +85,26 @@ def sync_all_matches(trigger: Trigger, tracker: Tracker | None = None) -> int:
         cursor = page.next_cursor
         if cursor is None:
             break
+        if deadline is not None and time.monotonic() > deadline:
+            async_task("syncqueue.triggers.continue_matches", trigger.pk, cursor, task_name="syncqueue trigger run")
+            return queued
     Trigger.objects.filter(pk=trigger.pk).update(last_run=timezone.now())
     return queued
+
+
+# A background part of a trigger run stays well inside django-q2's task timeout.
+CONTINUE_BUDGET_SECONDS = 60
+
+
+def continue_matches(trigger_id: int, cursor: str) -> int:
+    trigger = Trigger.objects.select_related("connection__active_rules").filter(pk=trigger_id).first()
+    if trigger is None:
+        return 0
+    try:
+        return sync_all_matches(trigger, budget_seconds=CONTINUE_BUDGET_SECONDS, cursor=cursor)
+    except (TrackerError, flow.SyncRefused) as e:
+        log.warning("running trigger %s stopped: %s", trigger_id, e)
+        return 0
 
 
 def _should_sync(connection: Connection, entity: Entity, tracker: Tracker, twinned: set[str]) -> bool:

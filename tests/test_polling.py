@@ -158,3 +158,20 @@ def test_sync_many_leaves_stopped_twins_and_blocks_only_the_failing_one(red, ali
     assert queued == 1
     states = dict(Twin.objects.values_list("local_key", "state"))
     assert states == {stopped.key: "stopped", failing.key: "blocked", fine.key: "ok"}
+
+
+def test_a_trigger_run_past_its_budget_goes_on_in_the_background(red, alice, monkeypatch):
+    for n in range(450):
+        blue_issue(alice, summary=f"Many {n}")
+    continued = []
+    monkeypatch.setattr(triggers, "async_task", lambda func, *args, **kwargs: continued.append(args))
+    monkeypatch.setattr(triggers, "CONTINUE_BUDGET_SECONDS", 0)
+    trigger = red.triggers.get()
+    assert triggers.sync_all_matches(trigger, budget_seconds=0) == 200, "one page, then the budget is spent"
+    [(trigger_id, cursor)] = continued
+    assert triggers.continue_matches(trigger_id, cursor) == 200
+    assert triggers.continue_matches(*continued[-1]) == 50
+    assert len(continued) == 2, "the last part finished the run"
+    assert len(outgoing(red)) == 450
+    trigger.refresh_from_db()
+    assert trigger.last_run is not None
