@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
 LEASE = timedelta(seconds=90)
 BATCH = 100
+# Fewer incoming at a time, so that their acks go out while the rest is applied.
+INCOMING_BATCH = 20
 # A remote that does not answer is tried again at least this often, however long it is down.
 MAX_SEND_BACKOFF = timedelta(seconds=30)
 # While the local tracker is out, held events try again this often.
@@ -93,7 +95,7 @@ def claim(direction: str, owner: str, limit: int = BATCH) -> list[SyncEvent]:
     )
 
 
-def process_incoming(owner: str, limit: int = BATCH) -> int:
+def process_incoming(owner: str, limit: int = INCOMING_BATCH) -> int:
     events = claim(Direction.INCOMING, owner, limit)
     if not events:
         return 0
