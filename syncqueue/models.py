@@ -39,6 +39,9 @@ class Twin(models.Model):
     # Remote comment/attachment id -> local id, for the ones the sync created here.
     comment_map = models.JSONField(default=dict, blank=True)
     attachment_map = models.JSONField(default=dict, blank=True)
+    # Local attachments in attachment_map that were here already (the same bytes attached on
+    # both sides), not copies the sync made: they are still this side's to send.
+    linked_attachments = models.JSONField(default=list, blank=True)
     created = models.DateTimeField(default=timezone.now, editable=False)
     last_synced = models.DateTimeField(null=True, blank=True)
     # When polling last looked at the local entity on purpose (see triggers.sweep).

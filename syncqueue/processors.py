@@ -107,6 +107,7 @@ class Helpers:
         replica=None,
         comment_map=None,
         attachment_map=None,
+        linked_attachments=(),
         remote_name="",
         scope="",
         find_user: Callable[[Any], str | None] | None = None,
@@ -125,6 +126,7 @@ class Helpers:
         self._replica = replica
         self._comment_map = dict(comment_map or {})
         self._attachment_map = dict(attachment_map or {})
+        self._linked = set(linked_attachments or ())
         self._remote_name = remote_name
         self._find_user = find_user
         self._log = DebugLog()
@@ -143,7 +145,7 @@ class Helpers:
         ]
 
     def attachments_to_send(self) -> list:
-        imported = set(self._attachment_map.values())
+        imported = set(self._attachment_map.values()) - self._linked
         return [to_script(a) for a in self._entity["attachments"] if a["id"] not in imported]
 
     # --- incoming ----------------------------------------------------------------------------
@@ -302,6 +304,7 @@ def run_outgoing(connection: Connection, rules: RulesVersion, entity: Entity, tw
         entity=view,
         comment_map=twin.comment_map if twin else None,
         attachment_map=twin.attachment_map if twin else None,
+        linked_attachments=twin.linked_attachments if twin else (),
         scope=marker_scope(connection),
     )
     replica = ScriptObject()
@@ -331,6 +334,7 @@ def plan_incoming(
         replica=to_script(plain(replica)),
         comment_map=twin.comment_map if twin else None,
         attachment_map=twin.attachment_map if twin else None,
+        linked_attachments=twin.linked_attachments if twin else (),
         remote_name=connection.remote_name,
         scope=marker_scope(connection),
         find_user=find_user,
@@ -433,7 +437,9 @@ def apply_plan(
             twin.attachment_map[op[1]] = added.id
         elif op[0] == "link":
             twin.attachment_map[op[1]] = op[2]
+            twin.linked_attachments = sorted({*twin.linked_attachments, op[2]})
         elif op[0] == "remove":
             tracker.remove_attachment(key, op[2])
             twin.attachment_map.pop(op[1], None)
+            twin.linked_attachments = [i for i in twin.linked_attachments if i != op[2]]
     return tracker.get(key)

@@ -120,12 +120,16 @@ def fetch_attachment(connection: Connection, key: str, sha256: str, max_bytes: i
     response = _request(connection, "GET", path, stream=True)
     digest, chunks, size = hashlib.sha256(), [], 0
     with response:
-        for chunk in response.iter_content(64 * 1024):
-            size += len(chunk)
-            if size > max_bytes:
-                raise RemoteError(f"attachment {sha256[:12]} is larger than the limit of {max_bytes} bytes", True)
-            digest.update(chunk)
-            chunks.append(chunk)
+        try:
+            for chunk in response.iter_content(64 * 1024):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RemoteError(f"attachment {sha256[:12]} is larger than the limit of {max_bytes} bytes", True)
+                digest.update(chunk)
+                chunks.append(chunk)
+        except requests.RequestException as e:
+            # Cut off midway: the bytes are still there; the next attempt fetches them whole.
+            raise RemoteError(f"the download of attachment {sha256[:12]} broke off ({type(e).__name__})") from None
     if digest.hexdigest() != sha256:
         raise RemoteError(f"attachment {sha256[:12]} arrived damaged (its hash differs); will try again")
     return b"".join(chunks)

@@ -23,7 +23,7 @@ from unittest import mock
 import pytest
 import requests
 
-from syncqueue import flow, tasks, transport, worker
+from syncqueue import flow, processors, tasks, transport, worker
 from tests import convergence
 from tests.syncpair import Red, attachment, blue_issue, connect_red, serve, tracker, work
 from trackers.builtin import actions
@@ -96,15 +96,6 @@ def twinned(red: Red, alice):
     return issue
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: the same file attached on both sides at once is removed from both. merge_attachments links the "
-        "other side's file to the local one with the same sha256, attachments_to_send then leaves the local "
-        "file out as imported, so each side's next replica lacks it and the other side removes its copy"
-    ),
-)
 def test_it_keeps_a_file_attached_on_both_sides_at_once(red, alice):
     issue = twinned(red, alice)
     content = b"the same screenshot"
@@ -115,10 +106,20 @@ def test_it_keeps_a_file_attached_on_both_sides_at_once(red, alice):
         # Red's person attached the same file meanwhile: Red's update crosses Blue's.
         red.send(red.update("RED-1", remote_key=issue.key, summary="S0", attachments=[attachment("r1", content)]))
         work()
-        # Red linked Blue's file to its own in turn, so its ack leaves it out, as Blue's code does.
-        red.send(red.ack(blue_update.message_id, key="RED-1", remote_key=issue.key, summary="S0", attachments=[]))
+        # Red linked Blue's file to its own in turn; its own file is still Red's to send.
+        red.send(
+            red.ack(
+                blue_update.message_id,
+                key="RED-1",
+                remote_key=issue.key,
+                summary="S0",
+                attachments=[attachment("r1", content)],
+            )
+        )
         work()
     assert [a.sha256 for a in tracker().get(issue.key).attachments], "the file must stay"
+    sent = processors.run_outgoing(red.connection, red.connection.active_rules, tracker().get(issue.key), red.twin())
+    assert [a["filename"] for a in sent[0]["attachments"]] == ["same.png"], "Blue's own file is still Blue's to send"
 
 
 class CutResponse:
@@ -137,15 +138,6 @@ class CutResponse:
         raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: transport.fetch_attachment reads the body outside _request's translation of requests' errors, "
-        "so a connection broken mid-body escapes as ChunkedEncodingError; the worker takes an unknown error "
-        "as permanent and blocks the twin instead of trying again"
-    ),
-)
 def test_it_retries_an_attachment_download_cut_off_midway(red):
     with mock.patch.object(transport, "_session") as session:
         session.return_value.request.return_value = CutResponse()
@@ -155,14 +147,6 @@ def test_it_retries_an_attachment_download_cut_off_midway(red):
     assert twin.state == "ok", f"the twin is {twin.state}: {twin.blocked_reason}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: worker._send marks an accepted update 'sent' without checking its status, so when the ack has "
-        "already been applied (a slow answer) the finished update goes back to 'sent' and stays there"
-    ),
-)
 def test_it_finishes_an_update_whose_ack_came_before_the_send_was_answered(red, alice):
     issue = twinned(red, alice)
     actions.update_issue(issue, {"summary": "S1"}, actor=alice)
