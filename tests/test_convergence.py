@@ -7,12 +7,10 @@ mid-event leaves a 90-second lease to expire), so they carry the ``convergence``
 PostgreSQL when DATABASE_URL names one, else SQLite. ``scripts/convergence`` runs more
 seeds, longer.
 
-The driver found bugs in the sync. Those that one side shows on its own have a
-reproduction below in one process (Blue is this test database, Red is played by hand as
-in test_invariants.py), marked ``xfail(strict=True)``: fixing a bug turns its test red
-until the mark is removed. The first live test leaves out what meets them (racing writes,
-answers lost or late for a batch with an update, cut downloads, fast polling); the second
-runs every fault and race, and fails because of them.
+The driver found bugs in the sync, since fixed. Those that one side shows on its own keep
+a reproduction below in one process (Blue is this test database, Red is played by hand as
+in test_invariants.py). The first live test runs node faults (a node stopped, a node
+killed mid-event) with the network faults; the second runs every network fault and race.
 """
 
 from __future__ import annotations
@@ -58,16 +56,9 @@ def test_it_converges_under_the_faults_it_survives(tmp_path):
 
 
 @live
-@pytest.mark.xfail(
-    strict=True,
-    raises=convergence.PromiseBroken,
-    reason=(
-        "the bugs reproduced below. Seed 171 is sure to meet one: it attaches a file at step 2 and the first "
-        "download through either proxy is cut; it also edits one field twice in a row (step 0), edits both "
-        "sides at once (4, 8, 12), attaches one file on both sides (5, 6), and loses answers"
-    ),
-)
 def test_it_converges_under_every_fault_and_race(tmp_path):
+    # Seed 171 attaches a file whose first download is cut, edits a field twice in a row, edits
+    # both sides at once, attaches one file on both sides, and loses answers.
     result = run_seed(tmp_path, 171, 15, node_faults=False)
     convergence.assert_promises_kept(result)
 
