@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,11 @@ OPERATION_WEIGHTS = {
     "same_attachment_both_sides": 3,
     "pause": 8,
 }
-# Writes that race the sync, by name: "edits" (an issue edited again before the acknowledgement of
-# its last edit is back, and the same issue edited on both sides at once) and "attachments" (the same
-# file attached on both sides at once). Without "edits", fields are edited only while nothing of that
-# issue is in flight. Both meet known bugs (tests/test_convergence.py), so CI runs them apart.
-RACES = {"edits": ("edit_twice", "edit_both_sides"), "attachments": ("same_attachment_both_sides",)}
+# Writes on both sides that race each other, by name: "edits" (one issue edited on both sides at
+# once) and "attachments" (one file attached on both sides at once). Without "edits", a side edits
+# fields only while the other side has no update of that issue in flight. Both meet known bugs
+# (tests/test_convergence.py), so CI runs them apart.
+RACES = {"edits": ("edit_both_sides",), "attachments": ("same_attachment_both_sides",)}
 # A copy of a remote comment: "<author> (<node>) wrote:\n\n<body>\n\n[sync <connection>:<remote id>]".
 COPY = re.compile(r"\A.*? \(.*?\) wrote:\n\n(?P<body>.*?)\n*\[sync [0-9a-f]{8}:(?P<remote>[\w.-]+)\]\s*\Z", re.DOTALL)
 RESULTS = REPO / "bench" / "results" / "convergence.json"
@@ -198,7 +199,6 @@ class Figures:
     operations: Counter = field(default_factory=Counter)
     node_faults: Counter = field(default_factory=Counter)
     leased_after_kill: list[int] = field(default_factory=list)
-    times: dict[str, float] = field(default_factory=dict)
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -286,24 +286,22 @@ class Driver:
             return sorted(self.random.sample(LABELS, self.random.randint(0, 3)))
         return self.random.choice([None, "admin"])
 
-    def in_flight(self, issue: TrackedIssue) -> bool:
-        """Whether an update of this issue is still unacknowledged on either side (or it is not twinned yet)."""
-        for side in SIDES:
-            key = self.key_on(issue, side)
-            if key is None or not self.cluster.up[side]:
-                return True
-            twin = self.node(side).twins(local_key=key)[0]
-            events = self.node(side).api("GET", f"twins/{twin['id']}/")["events"]
-            if any(e["direction"] == "outgoing" and e["kind"] == "update" and e["status"] in BUSY for e in events):
-                return True
-        return False
+    def changing_there(self, issue: TrackedIssue, side: str) -> bool:
+        """Whether the other side may still change this issue: an update of it unacknowledged there, or no twin yet."""
+        other = self.cluster.other(side)
+        key = self.key_on(issue, other)
+        if key is None or not self.cluster.up[other]:
+            return True
+        twin = self.node(other).twins(local_key=key)[0]
+        events = self.node(other).api("GET", f"twins/{twin['id']}/")["events"]
+        return any(e["direction"] == "outgoing" and e["kind"] == "update" and e["status"] in BUSY for e in events)
 
     def editable(self, side: str) -> TrackedIssue | None:
-        """An issue whose fields may be edited on ``side`` now; without edit races, only one at rest."""
+        """An issue whose fields ``side`` may edit now; without edit races, none the other side may be changing."""
         candidates = self.issues[:]
         self.random.shuffle(candidates)
         for issue in candidates[:4]:
-            if self.key_on(issue, side) and ("edits" in self.races or not self.in_flight(issue)):
+            if self.key_on(issue, side) and ("edits" in self.races or not self.changing_there(issue, side)):
                 return issue
         return None
 
@@ -342,14 +340,14 @@ class Driver:
             self.patch(issue, side, {name: self.field_value(name, self.next_number(), side)})
         return True
 
-    def edit_both_sides(self) -> bool:
-        """The same issue edited on both sides at about the same time: often the same field."""
+    def edit_both_sides(self, field_name: str | None = None) -> bool:
+        """The same issue edited on both sides at about the same time: often the same field (or ``field_name``)."""
         found = self.issue_on(list(SIDES), both=True)
         if not found:
             return False
         issue, _ = found
-        first = self.random.choice(FIELDS)
-        second = first if self.random.random() < 0.6 else self.random.choice(FIELDS)
+        first = field_name or self.random.choice(FIELDS)
+        second = first if field_name or self.random.random() < 0.6 else self.random.choice(FIELDS)
         edits = {
             "Blue": {first: self.field_value(first, self.next_number(), "Blue")},
             "Red": {second: self.field_value(second, self.next_number(), "Red")},
@@ -814,18 +812,24 @@ def run(
     cuts: bool = True,
     late_answers: str = "all",
     poll_seconds: int = 2,
+    network_faults: bool = True,
+    steps: Callable[[Driver], None] | None = None,
     drain_timeout: float = 240,
     echo=print,
 ) -> dict[str, Any]:
-    """Drive two fresh nodes with ``seed`` and check the promises; returns the figures and findings."""
+    """Drive two fresh nodes with ``seed`` and check the promises; returns the figures and findings.
+
+    ``steps`` replaces the random steps with a scenario of its own (a function of the driver).
+    """
     began = time.monotonic()
     cluster = Cluster(root, seed, cuts=cuts, late_answers=late_answers, poll_seconds=poll_seconds)
     try:
         cluster.start()
         started = time.monotonic()
-        cluster.arm()
+        if network_faults:
+            cluster.arm()
         driver = Driver(cluster, seed, operations, races=races, node_faults=node_faults, echo=echo)
-        driver.run()
+        (steps or Driver.run)(driver)
         driven = time.monotonic()
         drained, last_counts = wait_for_quiescence(cluster, drain_timeout, echo=echo)
         cluster.disarm()
@@ -851,6 +855,7 @@ def run(
             "cuts": cuts,
             "late_answers": late_answers,
             "poll_seconds": poll_seconds,
+            "network_faults": network_faults,
             "operations": sum(driver.figures.operations.values()),
             "operations_by_kind": dict(sorted(driver.figures.operations.items())),
             "faults": sum(faults.values()),

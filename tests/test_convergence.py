@@ -7,10 +7,11 @@ mid-event leaves a 90-second lease to expire), so they carry the ``convergence``
 PostgreSQL when DATABASE_URL names one, else SQLite. ``scripts/convergence`` runs more
 seeds, longer.
 
-The driver found bugs in the sync, since fixed. Those that one side shows on its own keep
-a reproduction below in one process (Blue is this test database, Red is played by hand as
-in test_invariants.py). The first live test runs node faults (a node stopped, a node
-killed mid-event) with the network faults; the second runs every network fault and race.
+The driver found bugs in the sync. Those that one side shows on its own keep a
+reproduction below in one process (Blue is this test database, Red is played by hand as
+in test_invariants.py). The first live test runs every fault and race but one: the same
+field edited on both sides at once, which the second live test shows is not settled yet
+(a strict xfail: fixing it turns the test red until the mark is removed).
 """
 
 from __future__ import annotations
@@ -39,27 +40,45 @@ def run_seed(tmp_path, seed: int, operations: int, **options) -> dict:
 
 
 @live
-def test_it_converges_under_the_faults_it_survives(tmp_path):
-    # Requests refused with 502 or 504, held back and overtaken; acknowledgements stored but
-    # answered 504 or not at all, so delivered again; a node stopped for a while; a node killed
-    # mid-event (its leased events taken up again after restart).
-    result = run_seed(tmp_path, 3, 60, races=(), cuts=False, late_answers="acks", poll_seconds=600)
+def test_it_converges_under_faults(tmp_path):
+    # Requests refused with 502 or 504, stored but answered 504 or not at all, forwarded twice,
+    # held back and overtaken, delivered late after their retry; downloads cut off midway; one
+    # file attached on both sides at once; a node stopped for a while; a node killed mid-event
+    # (its leased events taken up again after restart); polling every 2 s all along.
+    result = run_seed(tmp_path, 3, 60, races=("attachments",))
     faults = result["faults_by_kind"]
     assert faults.get("stopped") == 1
     assert faults.get("killed_applying", 0) + faults.get("killed_sending", 0) == 1, "the kill came mid-event"
     assert result["leased_after_kill"][0] > 0, "the killed worker left an event leased"
-    for kind in ("refused_502", "refused_504", "held", "answer_lost_504", "answer_lost_reset", "late"):
+    for kind in ("refused_502", "refused_504", "answer_lost_504", "answer_lost_reset", "duplicated", "held", "late"):
         assert faults.get(kind, 0) > 0, f"no {kind} fault was injected"
     assert sum(p["overtaken"] for p in result["proxies"].values()) > 0, "no request arrived out of order"
+    assert result["operations_by_kind"].get("same_attachment_both_sides", 0) > 0
     assert result["counts"]["comments"] > 0 and result["counts"]["attachments"] > 0
     convergence.assert_promises_kept(result)
 
 
+def edit_one_field_on_both_sides_at_once(driver: convergence.Driver) -> None:
+    driver.create_issue("Blue")
+    assert driver.edit_both_sides("summary"), "the issue never reached Red"
+    driver.figures.operations.update(create_issue=1, edit_both_sides=1)
+
+
 @live
-def test_it_converges_under_every_fault_and_race(tmp_path):
-    # Seed 171 attaches a file whose first download is cut, edits a field twice in a row, edits
-    # both sides at once, attaches one file on both sides, and loses answers.
-    result = run_seed(tmp_path, 171, 15, node_faults=False)
+@pytest.mark.xfail(
+    strict=True,
+    raises=convergence.PromiseBroken,
+    reason=(
+        "bug: with the default policy ('remote') on both sides, a field edited on both sides at once is "
+        "swapped, not settled: each side's merge_fields takes the other's value, then each side's ack, which "
+        "answers its own latest update, brings its own value back; each write goes out again, and after 5 "
+        "bounces both twins are blocked as a 'sync loop' with the sides different"
+    ),
+)
+def test_it_settles_one_field_edited_on_both_sides_at_once(tmp_path):
+    # No fault at all: two people change the summary of one issue within a few milliseconds.
+    scenario = edit_one_field_on_both_sides_at_once
+    result = run_seed(tmp_path, 1, 0, node_faults=False, network_faults=False, steps=scenario)
     convergence.assert_promises_kept(result)
 
 
