@@ -348,7 +348,9 @@ def test_it_refuses_a_body_with_numbers_json_does_not_have(client, db, constant)
 
 
 @pytest.mark.parametrize(("who", "status"), [(None, 401), ("charlie_api", 403), ("bob_api", 200), ("alice_api", 200)])
-def test_the_schema_is_served_to_staff_only(request, client, who, status):
+def test_the_schema_is_served_to_staff_only(request, client, db, who, status):
+    # ``db`` in the signature: pytest-django then runs this with the database tests, not after the
+    # browser tests, whose event loop would make Django refuse the database.
     api = request.getfixturevalue(who) if who else client
     response = api.get("/api/v1/schema/", {"format": "json"})
     assert response.status_code == status
