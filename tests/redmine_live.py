@@ -75,6 +75,20 @@ helpers.merge_attachments()
 """
 
 
+# For diagnoses: a node's latest twins, each event with the replica's summary and status.
+TWIN_EVENTS = """
+from syncqueue.models import Twin
+for twin in Twin.objects.order_by("-id")[:12]:
+    print(f"twin {twin.local_key}<->{twin.remote_key} {twin.state} in/out {twin.in_seq}/{twin.out_seq}",
+          twin.blocked_reason)
+    for e in twin.events.order_by("id"):
+        replica = (e.payload or {}).get("replica") or {}
+        acks = ((e.payload or {}).get("acks") or "")[:8]
+        print(f"  {e.created:%H:%M:%S.%f} {e.direction} {e.kind} #{e.seq} {e.status} {str(e.message_id)[:8]}",
+              f"acks={acks}" if acks else "", repr(replica.get("summary")), replica.get("status"), e.error[:120])
+"""
+
+
 def settings() -> tuple[str, str, str] | None:
     """(url, api key, project) of the Redmine named by the environment, or None."""
     values = tuple(os.environ.get(name, "") for name in SETTINGS)
@@ -104,10 +118,27 @@ def run_script(action: str) -> None:
 
 
 class RedmineAdmin:
-    """Direct access to the Redmine under test, with the admin key."""
+    """Direct access to the Redmine under test, with the admin key (as ``login`` when given)."""
 
-    def __init__(self, url: str, api_key: str):
+    def __init__(self, url: str, api_key: str, *, login: str = ""):
+        self.url, self.api_key = url, api_key
         self.client = RedmineClient(url, api_key)
+        if login:
+            # An admin key may act as any member of the project.
+            self.client.session.headers["X-Redmine-Switch-User"] = login
+
+    def person(self, project: str, login: str = "e2e-person") -> RedmineAdmin:
+        """The same Redmine as a person other than the sync's account, a manager of ``project``."""
+        users = self.client.get("/users.json", {"name": login})["users"]
+        if users:
+            user_id = users[0]["id"]
+        else:
+            user = {"login": login, "firstname": "Pat", "lastname": "Person", "mail": f"{login}@example.org"}
+            user_id = self.client.post("/users.json", {"user": user})["user"]["id"]
+        manager = self._id_named("/roles.json", "roles", "Manager")
+        membership = {"user_id": user_id, "role_ids": [manager]}
+        self.client.post(f"/projects/{project}/memberships.json", {"membership": membership})
+        return RedmineAdmin(self.url, self.api_key, login=login)
 
     def create_project(self, prefix: str) -> str:
         """A fresh project (issue tracking, every tracker, "External ID" enabled); returns its identifier."""
@@ -265,7 +296,8 @@ def redmine_node(name: str, root: Path, url: str, api_key: str, project: str) ->
 class RedminePair:
     """A built-in node and a Redmine node over a fresh Redmine project, paired, with triggers and rules.
 
-    ``builtin.connection`` and ``redmine.connection`` are the connection ids on each node.
+    ``builtin.connection`` and ``redmine.connection`` are the connection ids on each node;
+    ``admin`` reads and writes Redmine as the sync's account does, ``person`` as somebody else.
     With ``wait_for_polling`` it returns once the Redmine node polls. Call ``close()`` to
     stop both nodes and delete the project.
     """
@@ -277,6 +309,8 @@ class RedminePair:
         url, api_key, _ = found
         self.admin = RedmineAdmin(url, api_key)
         self.project = self.admin.create_project(prefix)
+        # Changes made "in Redmine" are a person's, so that the sync tells them from its own.
+        self.person = self.admin.person(self.project)
         self.builtin: LiveNode | None = None
         self.redmine: LiveNode | None = None
         try:
@@ -313,27 +347,19 @@ class RedminePair:
         yield from (node for node in (self.builtin, self.redmine) if node is not None)
 
     def wait(self, condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-        """``wait_for`` that, when it times out, tells what each node's twins and queue hold."""
+        """``wait_for`` that, when it fails, tells what each node's twins and queue hold."""
         try:
             return wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{self.diagnosis()}") from None
+        except Exception as e:
+            raise AssertionError(f"{type(e).__name__}: {e}\n{self.diagnosis()}") from e
 
     def diagnosis(self) -> str:
+        """Each node's queue, and its latest twins with their events (summary and status of each replica)."""
         lines = []
         for node in self.nodes():
             try:
                 lines.append(f"--- {node.name} queue: {node.api('GET', 'queue/stats/')['connections']}")
-                for twin in node.twins():
-                    detail = node.api("GET", f"twins/{twin['id']}/")
-                    events = [
-                        f"{e['direction']} {e['kind']} #{e['seq']} {e['status']} {e['error'][:200]}"
-                        for e in detail["events"][:8]
-                    ]
-                    lines.append(
-                        f"twin {twin['local_key']}<->{twin['remote_key']} {twin['state']} {twin['last_error'][:200]}\n"
-                        f"  sent {detail['last_sent']}\n  received {detail['last_received']}\n  " + "\n  ".join(events)
-                    )
+                lines.append(node.manage("shell", "-c", TWIN_EVENTS).strip())
             except Exception as e:  # a diagnosis must never hide the failure it explains
                 lines.append(f"--- {node.name}: cannot read its state: {e}")
             lines.append(f"--- {node.name} log:\n{node.log()[-1500:]}")

@@ -223,7 +223,7 @@ def test_it_holds_changes_while_redmine_is_down_and_delivers_them_after(sync):
 
 def test_it_brings_a_new_redmine_issue_to_the_built_in_tracker(sync):
     high = sync.admin.priority_id("High")
-    made = sync.admin.create_issue(sync.project, "Made in Redmine", description="Redmine's words", priority_id=high)
+    made = sync.person.create_issue(sync.project, "Made in Redmine", description="Redmine's words", priority_id=high)
     key = builtin_key_of(sync, made["id"])
     copy = sync.builtin.issue(key)
     assert key.startswith(f"{sync.builtin.project}-")
@@ -243,17 +243,17 @@ def test_it_brings_redmine_edits_and_mapped_statuses_to_the_built_in_tracker(syn
     issue_id = redmine_id_of(sync, key)
     settle(sync)
 
-    sync.admin.update_issue(issue_id, subject="Edited in Redmine", status_id=sync.admin.status_id("Resolved"))
+    sync.person.update_issue(issue_id, subject="Edited in Redmine", status_id=sync.admin.status_id("Resolved"))
     sync.wait(
         lambda: (lambda i: (i["summary"], i["status"]))(sync.builtin.issue(key)) == ("Edited in Redmine", "Resolved"),
         "Redmine's edit on Blue",
     )
     assert sync.builtin.issue(key)["description"] == "Blue's words", "a field not changed in Redmine stays"
     settle(sync)
-    sync.admin.update_issue(issue_id, status_id=sync.admin.status_id("In Progress"))
+    sync.person.update_issue(issue_id, status_id=sync.admin.status_id("In Progress"))
     sync.wait(lambda: sync.builtin.issue(key)["status"] == "In Progress", "In Progress on Blue")
     settle(sync)
-    sync.admin.update_issue(issue_id, status_id=sync.admin.status_id("New"))
+    sync.person.update_issue(issue_id, status_id=sync.admin.status_id("New"))
     sync.wait(lambda: sync.builtin.issue(key)["status"] == "Open", "New to arrive as Open")
     settle(sync)
     assert [i["id"] for i in sync.admin.issues(sync.project, **{sync.admin.external_id_filter(): key})] == [
@@ -280,18 +280,19 @@ def test_it_syncs_comments_and_attachments_both_ways_once(sync):
     assert "(Blue) wrote:" in note and "From Blue" in note
     assert redmine_attachments(sync, issue_id) == {"blue.bin": hashlib.sha256(from_blue).hexdigest()}
 
-    sync.admin.update_issue(issue_id, notes="From Redmine")
-    sync.admin.attach(issue_id, "redmine.bin", from_redmine)
+    sync.person.update_issue(issue_id, notes="From Redmine")
+    sync.person.attach(issue_id, "redmine.bin", from_redmine)
     sync.wait(
         lambda: len(builtin_comments(sync.builtin, key)) == 2 and len(builtin_attachments(sync.builtin, key)) == 2,
         "Redmine's comment and attachment on Blue",
     )
+    assert "Pat Person (Rm) wrote:" in builtin_comments(sync.builtin, key)[1]
     assert "From Redmine" in builtin_comments(sync.builtin, key)[1]
     assert builtin_attachments(sync.builtin, key)["redmine.bin"] == hashlib.sha256(from_redmine).hexdigest()
 
     # A second round: later comments are added, the earlier ones are not added again.
     sync.builtin.api("POST", f"tracker/issues/{key}/comments/", json={"body": "Blue again"})
-    sync.admin.update_issue(issue_id, notes="Redmine again")
+    sync.person.update_issue(issue_id, notes="Redmine again")
     sync.wait(
         lambda: len(builtin_comments(sync.builtin, key)) == 4 and len(comments_of(sync.admin.issue(issue_id))) == 4,
         "the second round of comments on both sides",
