@@ -140,6 +140,11 @@ class FaultProxy:
             self.stalled.clear()
             self._stall_over.clear()
 
+    def stall(self) -> None:
+        """Hang here until ``release_stall()`` (or STALL_SECONDS); the test sees ``stalled`` set."""
+        self.stalled.set()
+        self._stall_over.wait(STALL_SECONDS)
+
     def release_stall(self) -> None:
         with self.lock:
             self._stall_kind = None
@@ -196,6 +201,12 @@ class FaultProxy:
                 return False
             self._waiting = request
             return True
+
+    def undo(self, fault: str) -> str:
+        """Take back a fault that could not be carried out; the request passes."""
+        with self.lock:
+            self.faults[fault] -= 1
+        return "pass"
 
     def wait_and_forward(self, request: _Request) -> Forwarded:
         request.overtaken.wait(HOLD_SECONDS)
@@ -274,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = [(k, v) for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP]
         request = _Request(self.command, self.path, headers, body)
         fault = proxy.decide(request)
+        if fault in ("held", "late") and not proxy.hold(request):
+            fault = proxy.undo(fault)  # another request was parked first
         if fault in ("refused_502", "refused_504"):
             self._answer(Forwarded(int(fault[-3:]), "Injected", [("Content-Type", "text/plain")], b"injected"))
         elif fault == "answer_lost_504":
@@ -288,16 +301,15 @@ class _Handler(BaseHTTPRequestHandler):
             with proxy.lock:
                 proxy.duplicate_answers[second.status] += 1
             self._answer(first)
-        elif fault == "held" and proxy.hold(request):
+        elif fault == "held":
             self._answer(proxy.wait_and_forward(request))
-        elif fault == "late" and proxy.hold(request):
+        elif fault == "late":
             self._answer(Forwarded(504, "Gateway Timeout", [("Content-Type", "text/plain")], b"injected"))
             proxy.deliver_late(request)
         elif fault == "cut":
             self._answer(proxy.forward(request), cut=True)
         elif fault == "stalled":
-            proxy.stalled.set()
-            proxy._stall_over.wait(STALL_SECONDS)
+            proxy.stall()
             self._answer(proxy.forward(request))
         else:
             self._answer(proxy.forward(request))
