@@ -112,6 +112,11 @@ def settle(sync: RedminePair, *keys: str) -> None:
     )
 
 
+def builtin_fields(node: LiveNode, key: str, *names: str) -> tuple:
+    issue = node.issue(key)
+    return tuple(issue[name] for name in names)
+
+
 def builtin_comments(node: LiveNode, key: str) -> list[str]:
     return [c["body"] for c in node.api("GET", f"tracker/issues/{key}/comments/")["results"]]
 
@@ -245,13 +250,16 @@ def test_it_brings_redmine_edits_and_mapped_statuses_to_the_built_in_tracker(syn
 
     sync.person.update_issue(issue_id, subject="Edited in Redmine", status_id=sync.admin.status_id("Resolved"))
     sync.wait(
-        lambda: (lambda i: (i["summary"], i["status"]))(sync.builtin.issue(key)) == ("Edited in Redmine", "Resolved"),
+        lambda: builtin_fields(sync.builtin, key, "summary", "status") == ("Edited in Redmine", "Resolved"),
         "Redmine's edit on Blue",
     )
     assert sync.builtin.issue(key)["description"] == "Blue's words", "a field not changed in Redmine stays"
     settle(sync)
-    sync.person.update_issue(issue_id, status_id=sync.admin.status_id("In Progress"))
-    sync.wait(lambda: sync.builtin.issue(key)["status"] == "In Progress", "In Progress on Blue")
+    sync.person.update_issue(issue_id, description="Redmine's words", status_id=sync.admin.status_id("In Progress"))
+    sync.wait(
+        lambda: builtin_fields(sync.builtin, key, "description", "status") == ("Redmine's words", "In Progress"),
+        "Redmine's description and In Progress on Blue",
+    )
     settle(sync)
     sync.person.update_issue(issue_id, status_id=sync.admin.status_id("New"))
     sync.wait(lambda: sync.builtin.issue(key)["status"] == "Open", "New to arrive as Open")
@@ -338,7 +346,8 @@ def test_it_sends_built_in_edits_and_statuses_to_redmine_once(sync):
     rounds = (("First edit", "In Progress"), ("Second edit", "Closed"))
     for edit, status in rounds:
         for key in keys:
-            sync.builtin.api("PATCH", f"tracker/issues/{key}/", json={"summary": f"{edit} of {key}", "status": status})
+            fields = {"summary": f"{edit} of {key}", "description": f"{edit}, described", "status": status}
+            sync.builtin.api("PATCH", f"tracker/issues/{key}/", json=fields)
         sync.wait(lambda edit=edit: all(arrived(issue_ids[k], f"{edit} of {k}") for k in keys), f"the {edit}s")
         settle(sync, *keys)
     time.sleep(2 * POLL)
@@ -348,6 +357,7 @@ def test_it_sends_built_in_edits_and_statuses_to_redmine_once(sync):
         issue = sync.admin.issue(issue_ids[key])
         assert history(issue, "subject") == [f"{edit} of {key}" for edit, _ in rounds], "each edit once, no undo"
         assert history(issue, "status_id") == statuses
+        assert issue["description"] == "Second edit, described"
         assert sync.builtin.issue(key)["summary"] == f"Second edit of {key}"
 
 
