@@ -1,6 +1,6 @@
 """Convergence under faults: two live nodes, a seeded random driver and fault proxies.
 
-tests/convergence.py drives Blue and Red and holds them to DESIGN.md's promises. The two
+tests/convergence.py drives Blue and Red and holds them to DESIGN.md's promises. The
 live tests here run fixed seeds of it; they take a minute or two (a node killed
 mid-event leaves a 90-second lease to expire), so they carry the ``convergence`` marker:
 ``pytest -m "not convergence"`` leaves them out. They use the suite's database:
@@ -11,19 +11,22 @@ The driver found bugs in the sync. Those that one side shows on its own keep a
 reproduction below in one process (Blue is this test database, Red is played by hand as
 in test_invariants.py). The first live test runs every fault and race but one: the same
 field edited on both sides at once, which the second live test shows is not settled yet
-(a strict xfail: fixing it turns the test red until the mark is removed).
+(a strict xfail: fixing it turns the test red until the mark is removed). The third shows
+that a slow attachment download holds every write of a node on SQLite.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from unittest import mock
 
 import pytest
 import requests
 
 from syncqueue import flow, processors, tasks, transport, worker
-from tests import convergence
+from tests import convergence, faultproxy
+from tests.livenodes import wait_for
 from tests.syncpair import Red, attachment, blue_issue, connect_red, serve, tracker, work
 from trackers.builtin import actions
 
@@ -80,6 +83,40 @@ def test_it_settles_one_field_edited_on_both_sides_at_once(tmp_path):
     scenario = edit_one_field_on_both_sides_at_once
     result = run_seed(tmp_path, 1, 0, node_faults=False, network_faults=False, steps=scenario)
     convergence.assert_promises_kept(result)
+
+
+@live
+@pytest.mark.skipif(
+    os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="PostgreSQL locks rows, not the database"
+)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "bug: on SQLite (the embedded default) apply_incoming fetches an attachment's bytes inside its "
+        "transaction, after writing, so the node's write lock is held for the whole download: every other "
+        "write waits, and after the 20 s busy timeout fails with 500 'database is locked' (the transport "
+        "allows a 30 s read)"
+    ),
+)
+def test_it_takes_a_persons_write_while_an_attachment_downloads_slowly(tmp_path, monkeypatch):
+    monkeypatch.setattr(faultproxy, "STALL_SECONDS", 30)
+    cluster = convergence.Cluster(tmp_path, 1, poll_seconds=600)
+    blue, red, red_proxy = cluster.nodes["Blue"], cluster.nodes["Red"], cluster.proxies["Red"]
+    try:
+        cluster.start()
+        issue = blue.create_issue(summary="Files")
+        remote_key = wait_for(lambda: blue.twins(local_key=issue["key"])[0]["remote_key"], 60, "the first sync")
+        red_proxy.stall_next("download")  # Blue's download of Red's file hangs, as from a slow remote
+        red.api("POST", f"tracker/issues/{remote_key}/attachments/", files={"file": ("big.bin", b"x" * 5000)})
+        assert red_proxy.stalled.wait(60), "Blue never fetched the file"
+        comment = blue.session.post(
+            f"{blue.url}/api/v1/tracker/issues/{issue['key']}/comments/", json={"body": "meanwhile"}, timeout=60
+        )
+        assert comment.status_code == 201, f"{comment.status_code} {comment.text}"
+    finally:
+        red_proxy.release_stall()
+        cluster.destroy()
 
 
 # --- the bugs it found, each in one process -----------------------------------------------------
