@@ -347,12 +347,15 @@ class Driver:
             self.patch(issue, side, {name: self.field_value(name, self.next_number(), side)})
         return True
 
-    def edit_both_sides(self, field_name: str | None = None) -> bool:
-        """The same issue edited on both sides at about the same time: often the same field (or ``field_name``)."""
-        found = self.issue_on(list(SIDES), both=True)
-        if not found:
+    def edit_both_sides(self, field_name: str | None = None, issue: TrackedIssue | None = None) -> bool:
+        """One issue (or ``issue``) edited on both sides at once: often in the same field (or ``field_name``)."""
+        if issue is None:
+            found = self.issue_on(list(SIDES), both=True)
+            if not found:
+                return False
+            issue, _ = found
+        elif not all(self.key_on(issue, side) for side in SIDES):
             return False
-        issue, _ = found
         first = field_name or self.random.choice(FIELDS)
         second = first if field_name or self.random.random() < 0.6 else self.random.choice(FIELDS)
         edits = {

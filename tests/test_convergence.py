@@ -62,9 +62,13 @@ def test_it_converges_under_faults(tmp_path):
 
 
 def edit_one_field_on_both_sides_at_once(driver: convergence.Driver) -> None:
-    driver.create_issue("Blue")
-    assert driver.edit_both_sides("summary"), "the issue never reached Red"
-    driver.figures.operations.update(create_issue=1, edit_both_sides=1)
+    """Four issues, each with its summary changed on both sides within a few milliseconds."""
+    for _ in range(4):
+        driver.create_issue("Blue")
+    for issue in driver.issues:
+        wait_for(lambda issue=issue: driver.key_on(issue, "Red"), 60, f"#{issue.number} to reach Red")
+        driver.edit_both_sides("summary", issue)
+    driver.figures.operations.update(create_issue=4, edit_both_sides=4)
 
 
 @live
@@ -79,7 +83,7 @@ def edit_one_field_on_both_sides_at_once(driver: convergence.Driver) -> None:
     ),
 )
 def test_it_settles_one_field_edited_on_both_sides_at_once(tmp_path):
-    # No fault at all: two people change the summary of one issue within a few milliseconds.
+    # No fault at all: two people change the summary of an issue within a few milliseconds, four times.
     scenario = edit_one_field_on_both_sides_at_once
     result = run_seed(tmp_path, 1, 0, node_faults=False, network_faults=False, steps=scenario)
     convergence.assert_promises_kept(result)
