@@ -28,8 +28,23 @@ class ProjectChoiceField(forms.ModelChoiceField):
         return project.key if project else ""
 
 
-class LocalProjectForm(forms.Form):
-    """A node serving another tracker (Redmine) names its project instead of choosing a built-in one."""
+class PairingForm(forms.Form):
+    """What both ends of pairing ask: the local project and the rules to start from.
+
+    A node serving another tracker (Redmine) names its project instead of choosing a built-in one.
+    """
+
+    project = ProjectChoiceField(label="Local project")
+    rules_template = forms.ChoiceField(
+        label="Rules to start from",
+        choices=rules.template_choices,
+        initial="default",
+        required=False,
+        help_text="Each side keeps its own rules; edit them any time in the rule editor.",
+    )
+
+    def clean_rules_template(self) -> str:
+        return _template_or_default(self)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,18 +63,10 @@ def has_projects() -> bool:
     return Node.local().tracker_kind != "builtin" or Project.objects.exists()
 
 
-class InvitationForm(LocalProjectForm):
+class InvitationForm(PairingForm):
     name = forms.CharField(max_length=100, help_text="What this node calls the connection, e.g. the other team.")
-    project = ProjectChoiceField(label="Local project")
     hours_valid = forms.IntegerField(
         label="Code valid for (hours)", min_value=1, max_value=24 * 14, initial=24, help_text="At most two weeks."
-    )
-    rules_template = forms.ChoiceField(
-        label="Rules to start from",
-        choices=rules.template_choices,
-        initial="default",
-        required=False,
-        help_text="Each side keeps its own rules; edit them any time in the rule editor.",
     )
     not_reachable = forms.BooleanField(
         label="This node is not reachable from the other node",
@@ -67,11 +74,8 @@ class InvitationForm(LocalProjectForm):
         help_text="For example behind a firewall or on a laptop.",
     )
 
-    def clean_rules_template(self) -> str:
-        return _template_or_default(self)
 
-
-class AcceptForm(LocalProjectForm):
+class AcceptForm(PairingForm):
     code = forms.CharField(
         label="Invitation code",
         max_length=4000,
@@ -79,22 +83,11 @@ class AcceptForm(LocalProjectForm):
         help_text="Starts with EXL1-. Paste it whole; line breaks do not matter.",
     )
     name = forms.CharField(max_length=100, required=False, help_text="Leave empty to use the other node's own name.")
-    project = ProjectChoiceField(label="Local project")
-    rules_template = forms.ChoiceField(
-        label="Rules to start from",
-        choices=rules.template_choices,
-        initial="default",
-        required=False,
-        help_text="Each side keeps its own rules; edit them any time in the rule editor.",
-    )
     private = forms.BooleanField(
         label="This node is not reachable from the other node",
         required=False,
         help_text="For example behind a firewall or on a laptop: this node then fetches its messages from the other.",
     )
-
-    def clean_rules_template(self) -> str:
-        return _template_or_default(self)
 
 
 def _template_or_default(form: forms.Form) -> str:
