@@ -92,10 +92,12 @@ class Connection(models.Model):
     class ConflictPolicy(models.TextChoices):
         REMOTE = "remote", "The other side's change wins"
         LOCAL = "local", "This side's change wins"
-        NEWEST = "newest", "The newest change wins"
+        NEWEST = "newest", "The newer change wins"
 
-    # How helpers.merge_fields settles a field changed on both sides since the last sync.
-    conflict_policy = models.CharField(max_length=10, choices=ConflictPolicy.choices, default=ConflictPolicy.REMOTE)
+    # How helpers.merge_fields settles a field changed on both sides since the last sync. Both
+    # sides' policies count (processors.Settling): policies that contradict each other, both
+    # "remote" or both "local", fall back to the newer change.
+    conflict_policy = models.CharField(max_length=10, choices=ConflictPolicy.choices, default=ConflictPolicy.NEWEST)
     # Polling: entities changed since this moment are looked at on the next pass.
     poll_watermark = models.DateTimeField(null=True, blank=True)
     polled_at = models.DateTimeField(null=True, blank=True)

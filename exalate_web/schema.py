@@ -183,6 +183,8 @@ MESSAGE = {
         "replica": {"type": "object", "additionalProperties": True},
         "acks": {"type": "string", "nullable": True},
         "restart": {"type": "boolean"},
+        "changed": {"type": "string", "maxLength": 40, "nullable": True},
+        "policy": {"type": "string", "maxLength": 40, "nullable": True},
     },
     "required": ["id", "kind", "seq", "key"],
 }

@@ -96,10 +96,11 @@ class EventSerializer(serializers.ModelSerializer):
 
 class ConflictSerializer(serializers.ModelSerializer):
     event = serializers.IntegerField(source="event_id", default=None)
+    rule = serializers.CharField(read_only=True)
 
     class Meta:
         model = Conflict
-        fields = ["id", "field", "base", "local", "remote", "chosen", "policy", "event", "created"]
+        fields = ["id", "field", "base", "local", "remote", "chosen", "policy", "rule", "event", "created"]
 
 
 class TwinDetailSerializer(TwinSerializer):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from connections.scripting import ScriptError, StopSync
 from syncqueue import processors, transport
 from syncqueue.models import Conflict, SyncEvent, Twin
 from syncqueue.replica import replica_hash
-from trackers.base import Tracker, TrackerError
+from trackers.base import Entity, Tracker, TrackerError
 
 log = logging.getLogger(__name__)
 Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
@@ -74,6 +75,7 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
     entity = tracker.get(key)
     with transaction.atomic():
         twin, _ = Twin.objects.select_for_update().get_or_create(connection=connection, local_key=entity.key)
+        twin.connection = connection  # the one in hand: the message takes its policy
         if twin.in_seq != seen:
             # An incoming message was applied between our read and the lock: read what it wrote,
             # or the older state would go out as a new change.
@@ -95,12 +97,14 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
             twin.save()
             return None
         if _written_by_sync(entity, tracker) and not (force or restart):
+            if twin.state == Twin.State.BLOCKED:
+                return None  # its block (a loop, say) holds the replicas already; retrying re-syncs it
             twin.bounces += 1
             if twin.bounces > MAX_BOUNCES:
                 return _record_loop(twin, replica)
         else:
             twin.bounces = 0
-        return _queue(twin, Kind.UPDATE, replica, digest, restart=restart)
+        return _queue(twin, Kind.UPDATE, replica, digest, restart=restart, entity=entity)
 
 
 def twin_versions(connection: Connection, keys=None) -> dict[str, int]:
@@ -155,6 +159,8 @@ def sync_many(connection: Connection, entities, *, tracker: Tracker, versions: d
             if digest == twin.last_sent_hash:
                 continue
             if account is not None and entity.updated_by is not None and entity.updated_by.id == account:
+                if twin.state == Twin.State.BLOCKED:
+                    continue
                 twin.bounces += 1
                 if twin.bounces > MAX_BOUNCES:
                     _record_loop(twin, replica)
@@ -171,11 +177,13 @@ def sync_many(connection: Connection, entities, *, tracker: Tracker, versions: d
                     direction=Direction.OUTGOING,
                     kind=Kind.UPDATE,
                     seq=twin.out_seq,
-                    payload={"replica": replica},
+                    payload={"replica": replica, **_envelope(connection, twin, entity)},
                     rules_version=rules,
                 )
             )
-        Twin.objects.bulk_update(changed, ["out_seq", "last_sent", "last_sent_hash", "bounces"], batch_size=500)
+        Twin.objects.bulk_update(
+            changed, ["out_seq", "last_sent", "last_sent_hash", "bounces", "sent_fields"], batch_size=500
+        )
         SyncEvent.objects.bulk_create(events, batch_size=500)
         if events:
             kick()
@@ -227,15 +235,33 @@ def _record_loop(twin: Twin, replica: dict) -> SyncEvent:
     )
 
 
+def _envelope(connection: Connection, twin: Twin, entity: Entity) -> dict[str, Any]:
+    """What a message of ``entity``'s says beside its replica, for settling conflicts the same way on
+    both sides (processors.Settling); records on the twin what it sends of each field."""
+    twin.sent_fields = processors.sent_fields_of(entity, twin.sent_fields)
+    return {
+        "changed": entity.updated.isoformat() if entity.updated else None,
+        "policy": connection.conflict_policy,
+    }
+
+
 def _queue(
-    twin: Twin, kind: str, replica: dict | None, digest: str = "", acks: str | None = None, restart: bool = False
+    twin: Twin,
+    kind: str,
+    replica: dict | None,
+    digest: str = "",
+    acks: str | None = None,
+    restart: bool = False,
+    entity: Entity | None = None,
 ) -> SyncEvent:
     twin.out_seq += 1
+    payload: dict[str, Any] = {"replica": replica}
     if replica is not None:
         twin.last_sent = replica
         twin.last_sent_hash = digest or replica_hash(replica)
+    if entity is not None:
+        payload.update(_envelope(twin.connection, twin, entity))
     twin.save()
-    payload: dict[str, Any] = {"replica": replica}
     if acks:
         payload["acks"] = acks
     if restart:
@@ -303,12 +329,18 @@ def message_of(event: SyncEvent) -> dict[str, Any]:
         message["acks"] = event.payload["acks"]
     if event.payload.get("restart"):
         message["restart"] = True
+    for name in ENVELOPE:
+        if event.payload.get(name):
+            message[name] = event.payload[name]
     return message
 
 
 # --- receiving -------------------------------------------------------------------------------
 
-MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "restart"}
+# Beside the replica, for settling a conflict the same way on both sides: when the sender's
+# entity last changed, and the sender's conflict policy.
+ENVELOPE = ("changed", "policy")
+MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "restart", *ENVELOPE}
 MAX_SEQ = 2**31 - 1  # the largest sequence number every database column here holds
 
 
@@ -341,8 +373,11 @@ def validate_message(message: Any) -> str | None:
         return "acks must be a message id"
     if message.get("restart") not in (None, True, False):
         return "restart must be true or false"
+    for name in ENVELOPE:
+        if message.get(name) is not None and (not isinstance(message[name], str) or len(message[name]) > 40):
+            return f"{name} must be text of at most 40 characters"
     # PostgreSQL stores no NUL character in text or JSON; refuse it here rather than fail later.
-    if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks")):
+    if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks", *ENVELOPE)):
         return "text must not contain NUL characters"
     if message.get("replica") is not None and "\\u0000" in json.dumps(message["replica"]):
         return "the replica must not contain NUL characters"
@@ -404,6 +439,7 @@ def _store(connection: Connection, message: dict[str, Any]) -> bool:
             "replica": message.get("replica"),
             "acks": message.get("acks"),
             "restart": bool(message.get("restart")),
+            **{name: message[name] for name in ENVELOPE if message.get(name)},
         },
     )
     return True
@@ -417,10 +453,62 @@ def find_user_for(tracker: Tracker):
     return getattr(tracker, "find_user", None)
 
 
+class _FetchFirst(Exception):
+    """The plan adds attachments whose bytes are not here yet: fetch them outside the transaction."""
+
+    def __init__(self, connection: Connection, key: str, metas: list[dict]):
+        super().__init__(f"{len(metas)} attachments to fetch")
+        self.connection, self.key, self.metas = connection, key, metas
+
+
+class _Downloads:
+    """Attachment bytes fetched ahead of an apply, spooled to disk beyond a little, one in memory at a time."""
+
+    def __init__(self):
+        self._files: dict[str, tempfile.SpooledTemporaryFile] = {}
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._files
+
+    def fetch(self, connection: Connection, key: str, metas: list[dict]) -> None:
+        limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
+        for meta in metas:
+            if meta["sha256"] not in self._files:
+                spool = tempfile.SpooledTemporaryFile(max_size=1024 * 1024)  # noqa: SIM115 - closed by close()
+                spool.write(transport.fetch_attachment(connection, key, meta["sha256"], limit))
+                self._files[meta["sha256"]] = spool
+
+    def read_meta(self, meta: dict) -> bytes:
+        spool = self._files[meta["sha256"]]
+        spool.seek(0)
+        return spool.read()
+
+    def close(self) -> None:
+        for spool in self._files.values():
+            spool.close()
+
+
 def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
-    """Apply one claimed incoming event in order; raises ScriptError/TrackerError/RemoteError on failure."""
+    """Apply one claimed incoming event in order; raises ScriptError/TrackerError/RemoteError on failure.
+
+    Attachment bytes are downloaded outside the transaction: a slow download must not hold
+    the twin's lock, nor, on SQLite, the database's one write lock, for its whole length.
+    """
     if not getattr(tracker, "shares_database", False):
         _create_first(event, tracker)
+    downloads = _Downloads()
+    try:
+        for _ in range(3):
+            try:
+                return _apply(event, tracker, downloads)
+            except _FetchFirst as needed:
+                downloads.fetch(needed.connection, needed.key, needed.metas)
+        raise transport.RemoteError("the attachments to fetch kept changing; will try again")
+    finally:
+        downloads.close()
+
+
+def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
     with transaction.atomic():
         twin = (
             Twin.objects.select_for_update(of=("self",))
@@ -468,6 +556,7 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
                 entity,
                 twin,
                 find_user=find_user_for(tracker),
+                envelope=event.payload,
             )
         except StopSync as e:
             # The rules stopped it: say so to the other side too, so that it stops sending.
@@ -482,16 +571,20 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
             # its field values are older than ours here and must not undo them. (Its comments and
             # attachments are merged as usual; the next ack brings the fields.)
             plan.fields = {}
-        limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
-        written = processors.apply_plan(
-            tracker,
-            plan,
-            twin.local_key,
-            twin,
-            lambda meta: transport.fetch_attachment(
-                connection, replica.get("key") or twin.remote_key, meta["sha256"], limit
-            ),
-        )
+        sender_key = replica.get("key") or twin.remote_key
+        added = [op[2] for op in plan.attachments if op[0] == "add"]
+        if any(not isinstance(meta.get("sha256"), str) for meta in added):
+            raise transport.RemoteError("the replica names an attachment without its sha256", True)
+        if connection.remote_url:
+            missing = [meta for meta in added if meta["sha256"] not in downloads]
+            if missing:
+                raise _FetchFirst(connection, sender_key, missing)  # before anything is written
+            fetch = downloads.read_meta
+        else:
+            # A private remote uploaded the bytes here already: read from the database, no waiting.
+            limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
+            fetch = lambda meta: transport.fetch_attachment(connection, sender_key, meta["sha256"], limit)  # noqa: E731
+        written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch)
         twin.local_key = written.key
         if plan.merge_base is not None:
             twin.merge_base = plan.merge_base
@@ -505,7 +598,7 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
         if event.kind == Kind.UPDATE:
             # The acknowledgement: what this side now holds, made by our own outgoing rules.
             ack, _ = processors.run_outgoing(connection, rules, written, twin)
-            _queue(twin, Kind.ACK, ack, acks=str(event.message_id))
+            _queue(twin, Kind.ACK, ack, acks=str(event.message_id), entity=written)
         else:
             twin.save()
         _finish(event, rules)

@@ -50,6 +50,10 @@ class Twin(models.Model):
     bounces = models.PositiveSmallIntegerField(default=0)
     # helpers.merge_fields: the other side's values (in local terms) at the last merge.
     merge_base = models.JSONField(default=dict, blank=True)
+    # Each local field's value as last sent, with the ``changed`` of the message that first
+    # carried it: {field: [value, iso time]}. merge_fields dates our side of a conflict by it,
+    # and does not take back a value that is only ours returning.
+    sent_fields = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -143,14 +147,27 @@ class Conflict(models.Model):
     local = models.JSONField(null=True, blank=True)
     remote = models.JSONField(null=True, blank=True)
     chosen = models.CharField(max_length=10, choices=[("local", "Local value kept"), ("remote", "Remote value taken")])
+    # The rule that settled it (see processors.Settling).
     policy = models.CharField(max_length=10)
     created = models.DateTimeField(default=timezone.now)
+
+    RULES = {
+        "remote": "this side's policy: the other side's change wins",
+        "local": "this side's policy: this side's change wins",
+        "theirs": "the other side's policy",
+        "newest": "the newer change wins",
+        "initiator": "changes at the same time: the initiating side's wins",
+    }
 
     class Meta:
         ordering = ["-id"]
 
     def __str__(self) -> str:
         return f"{self.field} of {self.twin}: {self.chosen}"
+
+    @property
+    def rule(self) -> str:
+        return self.RULES.get(self.policy, self.policy)
 
 
 class Blob(models.Model):

@@ -16,7 +16,7 @@ from typing import Any
 
 from connections.models import Connection, RulesVersion
 from connections.scripting import DebugLog, ScriptObject, StopSync, compile_script, run_script, to_plain
-from syncqueue.replica import entity_view, plain
+from syncqueue.replica import entity_view, person_view, plain
 from trackers.base import Entity, Tracker, TrackerError
 
 # The last line of every comment the sync writes: the connection (the first 8 hex digits of
@@ -97,6 +97,84 @@ class IncomingPlan:
         return not (self.create or self.fields or self.comments or self.attachments)
 
 
+def _when(value: Any) -> datetime | None:
+    """An aware datetime from a message's ISO text, or None when it says nothing usable."""
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+@dataclass(frozen=True)
+class Settling:
+    """How a field changed on both sides is settled: the same way on both sides, or they would swap.
+
+    Each side's policy is a vote: "remote" names the other side the winner, "local" itself,
+    "newest" neither. One named winner, or both naming the same side, decide. Otherwise
+    (no vote, or both claiming, or both yielding) the newer change wins. Each change is
+    dated by the message that first carried it (its ``changed``, stamped by its sender),
+    so both sides compare the same two times; equal or unknown times go to the
+    initiator's side. Every message carries its sender's policy for this.
+    """
+
+    policy: str = "newest"
+    remote_policy: str | None = None
+    remote_changed: datetime | None = None
+    # When the entity here last changed: the date of a local change not sent yet.
+    local_changed: datetime | None = None
+    initiator: bool = True
+
+    @classmethod
+    def of(cls, connection: Connection, envelope: Mapping[str, Any] | None, entity: Entity | None) -> Settling:
+        envelope = envelope or {}
+        remote_policy = envelope.get("policy")
+        return cls(
+            policy=connection.conflict_policy,
+            remote_policy=remote_policy if remote_policy in Connection.ConflictPolicy.values else None,
+            remote_changed=_when(envelope.get("changed")),
+            local_changed=entity.updated if entity is not None else None,
+            initiator=connection.is_initiator,
+        )
+
+    def remote_wins(self, ours_sent: str | None) -> tuple[bool, str]:
+        """Whether the other side's value wins, and by which rule (``Conflict.RULES``).
+
+        ``ours_sent``: the ``changed`` of the message that first carried our value, if sent.
+        """
+        mine = {"remote": True, "local": False}.get(self.policy)
+        theirs = {"remote": False, "local": True}.get(self.remote_policy or "")
+        if mine is not None and theirs in (None, mine):
+            return mine, self.policy
+        if theirs is not None and mine is None:
+            return theirs, "theirs"
+        ours = _when(ours_sent) if ours_sent else self.local_changed
+        if ours is not None and self.remote_changed is not None and ours != self.remote_changed:
+            return self.remote_changed > ours, "newest"
+        return not self.initiator, "initiator"
+
+
+def sent_fields_of(entity: Entity, before: Mapping[str, Any] | None) -> dict[str, list]:
+    """The twin's record of each field's value as last sent, and when that value was first sent.
+
+    A value already sent keeps its date; a new one is dated by the entity's ``updated``,
+    which is the ``changed`` of the message now carrying it.
+    """
+    view = {name: getattr(entity, name) for name in WRITABLE}
+    view["priority"] = view["priority"] or None
+    view["labels"] = list(view["labels"])
+    view["custom_fields"] = plain(entity.custom_fields)
+    view["assignee"] = person_view(entity.assignee)
+    changed = entity.updated.isoformat() if entity.updated else None
+    before = before or {}
+    record = {}
+    for name in WRITABLE:
+        value = _local_value(view, name)
+        old = before.get(name)
+        record[name] = old if old is not None and old[0] == value else [value, changed]
+    return record
+
+
 class Helpers:
     """The ``helpers`` object scripts see. Public methods only; they read the twin's maps."""
 
@@ -112,15 +190,15 @@ class Helpers:
         scope="",
         find_user: Callable[[Any], str | None] | None = None,
         merge_base: Mapping[str, Any] | None = None,
-        policy: str = "remote",
-        remote_newer: bool = True,
+        sent_fields: Mapping[str, Any] | None = None,
+        settling: Settling | None = None,
     ):
         self._entity = entity
         self._scope = scope
         self._issue = None  # the script's writable issue, set by plan_incoming
         self._base = dict(merge_base or {})
-        self._policy = policy
-        self._remote_newer = remote_newer
+        self._sent = dict(sent_fields or {})
+        self._settling = settling or Settling()
         self._merged = False
         self._conflicts: list[dict[str, Any]] = []
         self._replica = replica
@@ -225,8 +303,9 @@ class Helpers:
         Each argument names a local field and gives the other side's value in local terms
         (mapped already). The base is that same value from the last merge. A field the
         other side did not change is left alone, so an edit made here is not overwritten;
-        a field changed on both sides to different values is a conflict, settled by the
-        connection's policy and recorded.
+        nor is a value that is only ours coming back (the last one we sent for that field).
+        A field changed on both sides to different values is a conflict, settled the same
+        way on both sides (see ``Settling``) and recorded.
         """
         if self._issue is None:
             raise TypeError("merge_fields is for the incoming rules")
@@ -235,14 +314,20 @@ class Helpers:
                 raise ValueError(f"merge_fields cannot set {name!r} (it sets: {', '.join(WRITABLE)})")
             remote = to_plain(value)
             local = _local_value(self._entity, name)
+            sent = self._sent.get(name)
             self._merged = True
-            if name not in self._base:
+            if sent is not None and remote == sent[0]:
+                # The other side holds what we last sent: applying it could only undo a later
+                # edit made here (an ack that crossed it, say).
+                pass
+            elif name not in self._base:
                 self._issue[name] = to_script(remote)  # no base yet: take theirs, as a plain assignment would
             elif remote != self._base[name] and remote != local:
                 if local == self._base[name]:
                     self._issue[name] = to_script(remote)
                 else:
-                    take_remote = self._policy == "remote" or (self._policy == "newest" and self._remote_newer)
+                    ours = sent[1] if sent is not None and sent[0] == local else None
+                    take_remote, rule = self._settling.remote_wins(ours)
                     if take_remote:
                         self._issue[name] = to_script(remote)
                     self._conflicts.append(
@@ -252,7 +337,7 @@ class Helpers:
                             "local": local,
                             "remote": remote,
                             "chosen": "remote" if take_remote else "local",
-                            "policy": self._policy,
+                            "policy": rule,
                         }
                     )
             self._base[name] = remote
@@ -326,7 +411,9 @@ def plan_incoming(
     entity: Entity | None,
     twin=None,
     find_user: Callable[[Any], str | None] | None = None,
+    envelope: Mapping[str, Any] | None = None,
 ) -> IncomingPlan:
+    """``envelope``: what the message said beside the replica (``changed``, ``policy``)."""
     view = entity_view(entity)
     issue = to_script({k: view[k] for k in (*WRITABLE, "key", "project", "comments", "attachments")})
     helpers = Helpers(
@@ -339,8 +426,8 @@ def plan_incoming(
         scope=marker_scope(connection),
         find_user=find_user,
         merge_base=twin.merge_base if twin else None,
-        policy=connection.conflict_policy,
-        remote_newer=_remote_is_newer(replica, entity),
+        sent_fields=twin.sent_fields if twin else None,
+        settling=Settling.of(connection, envelope, entity),
     )
     helpers._issue = issue
     printed = run_script(
@@ -375,19 +462,6 @@ def plan_incoming(
         merge_base=helpers._base if helpers._merged else None,
         conflicts=helpers._conflicts,
     )
-
-
-def _remote_is_newer(replica: Mapping[str, Any], entity: Entity | None) -> bool:
-    """For "newest wins": whether the other side's entity changed after ours (its replica's ``updated``)."""
-    if entity is None or entity.updated is None:
-        return True
-    try:
-        remote = datetime.fromisoformat(str(replica.get("updated")))
-    except ValueError:
-        return True  # the other side does not say: its message is the newer news
-    if remote.tzinfo is None:
-        return True
-    return remote >= entity.updated
 
 
 def create_entity(tracker: Tracker, plan: IncomingPlan) -> Entity:

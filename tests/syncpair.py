@@ -115,6 +115,8 @@ class Red:
             seq = self.seqs[key]
         message = {"id": str(uuid.uuid4()), "kind": kind, "seq": seq, "key": key, "remote_key": remote_key}
         message["replica"] = replica  # None for a stop
+        # As a real node would: its entity changed as the message was made, and Red's policy is the default.
+        message["changed"], message["policy"] = datetime.now(UTC).isoformat(), "newest"
         if acks:
             message["acks"] = str(acks)
         return message

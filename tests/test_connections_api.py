@@ -506,12 +506,12 @@ def test_it_invites_with_a_chosen_rules_template_and_refuses_an_unknown_one(alic
 
 def test_admins_set_the_conflict_policy(connection, alice_api, bob_api):
     url = f"{API}/connections/{connection.pk}/"
-    assert bob_api.get(url).json()["conflict_policy"] == "remote"
+    assert bob_api.get(url).json()["conflict_policy"] == "newest"
     assert_error(bob_api.patch(url, {"conflict_policy": "local"}, format="json"), 403, text="only administrators")
-    answer = alice_api.patch(url, {"conflict_policy": "newest"}, format="json")
-    assert answer.status_code == 200 and answer.json()["conflict_policy"] == "newest"
+    answer = alice_api.patch(url, {"conflict_policy": "remote"}, format="json")
+    assert answer.status_code == 200 and answer.json()["conflict_policy"] == "remote"
     connection.refresh_from_db()
-    assert connection.conflict_policy == "newest"
+    assert connection.conflict_policy == "remote"
 
 
 @pytest.mark.parametrize(
@@ -521,4 +521,4 @@ def test_admins_set_the_conflict_policy(connection, alice_api, bob_api):
 def test_it_refuses_bad_connection_settings(body, field, connection, alice_api):
     assert_error(alice_api.patch(f"{API}/connections/{connection.pk}/", body, format="json"), 400, field=field)
     connection.refresh_from_db()
-    assert (connection.conflict_policy, connection.name, connection.secret) == ("remote", "Red", "a" * 64)
+    assert (connection.conflict_policy, connection.name, connection.secret) == ("newest", "Red", "a" * 64)

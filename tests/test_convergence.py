@@ -10,9 +10,9 @@ seeds, longer.
 The driver found bugs in the sync. Those that one side shows on its own keep a
 reproduction below in one process (Blue is this test database, Red is played by hand as
 in test_invariants.py). The first live test runs every fault and race but one: the same
-field edited on both sides at once, which the second live test shows is not settled yet
-(a strict xfail: fixing it turns the test red until the mark is removed). The third shows
-that a slow attachment download holds every write of a node on SQLite.
+field edited on both sides at once, which the second live test runs alone, without
+faults, so that the two edits really cross. The third shows that a slow attachment
+download no longer holds every write of a node on SQLite.
 """
 
 from __future__ import annotations
@@ -71,16 +71,6 @@ def edit_one_field_on_both_sides_at_once(driver: convergence.Driver) -> None:
 
 
 @live
-@pytest.mark.xfail(
-    strict=True,
-    raises=convergence.PromiseBroken,
-    reason=(
-        "bug: with the default policy ('remote') on both sides, a field edited on both sides at once is "
-        "swapped, not settled: each side's merge_fields takes the other's value, then each side's ack, which "
-        "answers its own latest update, brings its own value back; each write goes out again, and after 5 "
-        "bounces both twins are blocked as a 'sync loop' with the sides different"
-    ),
-)
 def test_it_settles_one_field_edited_on_both_sides_at_once(tmp_path):
     # No fault at all: two people change the summary of an issue within a few milliseconds, four times.
     scenario = edit_one_field_on_both_sides_at_once
@@ -89,16 +79,6 @@ def test_it_settles_one_field_edited_on_both_sides_at_once(tmp_path):
 
 
 @live
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "bug: on SQLite (the embedded default) apply_incoming fetches an attachment's bytes inside its "
-        "transaction, after writing, so the node's write lock is held for the whole download: every other "
-        "write waits, and after the 20 s busy timeout fails with 500 'database is locked' (the transport "
-        "allows a 30 s read)"
-    ),
-)
 def test_it_takes_a_persons_write_while_an_attachment_downloads_slowly(tmp_path, monkeypatch):
     monkeypatch.setattr(faultproxy, "STALL_SECONDS", 30)
     # The nodes run on SQLite, the embedded default, whatever the suite's database: PostgreSQL

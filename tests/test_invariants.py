@@ -287,6 +287,23 @@ def test_it_stops_a_twin_that_bounces_without_settling(red, django_capture_on_co
     assert red.twin().state == "ok" and red.twin().bounces == 0
 
 
+def test_a_twin_blocked_as_a_loop_is_not_blocked_again_on_every_look(red, django_capture_on_commit_callbacks):
+    use_rules(red.connection, incoming=LOOPING_RULES)
+    with django_capture_on_commit_callbacks(execute=True):
+        red.send(red.update(summary="x"))
+        work()
+    for _ in range(flow.MAX_BOUNCES * 2):
+        bounce(red, django_capture_on_commit_callbacks)
+        if red.twin().state == "blocked":
+            break
+    twin = red.twin()
+    assert twin.state == "blocked"
+    for _ in range(3):  # polling passes and sweeps looking at the issue again
+        assert flow.sync_entity(red.connection, twin.local_key) is None
+        flow.sync_many(red.connection, [tracker().get(twin.local_key)], tracker=tracker())
+    assert SyncEvent.objects.filter(twin=twin, status="failed").count() == 1
+
+
 def test_a_person_changing_the_entity_ends_a_run_of_bounces(red, alice, django_capture_on_commit_callbacks):
     use_rules(red.connection, incoming=LOOPING_RULES)
     with django_capture_on_commit_callbacks(execute=True):
@@ -387,14 +404,51 @@ def test_an_edit_made_before_the_first_sync_is_acknowledged_survives_the_acknowl
     assert [e.kind for e in red.outgoing()] == ["update", "update"], "nothing was undone, so nothing goes again"
 
 
-def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policy_and_recorded(red, alice, bob_api):
+def test_an_edit_whose_sync_waits_for_the_twin_survives_the_first_syncs_acknowledgement(red, alice):
+    """The acknowledgement is applied between a person's edit and its sync (which waits on the twin's lock)."""
+    issue = blue_issue(alice, summary="First words")
+    first = flow.sync_entity(red.connection, issue.key)
+    Issue.objects.filter(pk=issue.pk).update(summary="Second thoughts")  # its own sync has not run yet
+    red.send(red.ack(first.message_id, key="RED-1", remote_key=issue.key, summary="First words"))
+    work()
+    assert tracker().get(issue.key).summary == "Second thoughts", "the acknowledgement undid the edit"
+    flow.sync_entity(red.connection, issue.key)
+    assert red.outgoing()[-1].payload["replica"]["summary"] == "Second thoughts"
+
+
+def test_a_field_edited_on_both_sides_at_once_is_settled_the_same_way_on_both(red, alice):
+    """Blue's and Red's updates cross; each side settles the conflict on its own, and they agree."""
+    red.send(red.update(summary="Made on Red"))
+    work()
+    issue = Issue.objects.get(key=red.twin().local_key)
+    actions.update_issue(issue, {"summary": "Blue's title"}, actor=alice)
+    blues = flow.sync_entity(red.connection, issue.key)
+    # Red's edit was made before Blue's: Red's message is dated earlier, and Red's own settling
+    # (the same rule, from its side) keeps Blue's title, so its ack of Blue's update says so.
+    earlier = (timezone.now() - timedelta(minutes=1)).isoformat()
+    crossing = red.update(summary="Red's title")
+    crossing["changed"] = earlier
+    red.send(crossing)
+    work()
+    assert tracker().get(issue.key).summary == "Blue's title"
+    [conflict] = Conflict.objects.all()
+    assert (conflict.chosen, conflict.policy) == ("local", "newest")
+    red.send(red.ack(blues.message_id, key="RED-1", remote_key=issue.key, summary="Blue's title"))
+    work()
+    assert tracker().get(issue.key).summary == "Blue's title"
+    acks = [e for e in red.outgoing() if e.kind == "ack"]
+    assert acks[-1].payload["replica"]["summary"] == "Blue's title", "Blue told Red it kept its title"
+    assert [e.kind for e in red.outgoing()][-2:] == ["update", "ack"], "nothing goes back and forth"
+
+
+def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policies_and_recorded(red, alice, bob_api):
     red.send(red.update(summary="Made on Red"))
     work()
     issue = Issue.objects.get(key=red.twin().local_key)
     actions.update_issue(issue, {"summary": "Blue's title"}, actor=alice)
     red.send(red.update(summary="Red's title"))
     work()
-    assert tracker().get(issue.key).summary == "Red's title", "the default policy: the other side's change wins"
+    assert tracker().get(issue.key).summary == "Red's title", "the default policy: the newer change wins"
     [conflict] = Conflict.objects.all()
     assert (conflict.field, conflict.base, conflict.local, conflict.remote, conflict.chosen) == (
         "summary",

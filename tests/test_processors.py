@@ -23,11 +23,11 @@ def red(project):
     return connect_red()
 
 
-def plan(connection, remote: dict, key: str | None = None, twin: Twin | None = None, find_user=None):
+def plan(connection, remote: dict, key: str | None = None, twin: Twin | None = None, find_user=None, envelope=None):
     """What the active incoming rules want done to ``key`` (None: a first sync) for ``remote``."""
     entity = tracker().get(key) if key else None
     return processors.plan_incoming(
-        connection, connection.active_rules, remote, None, entity, twin, find_user=find_user
+        connection, connection.active_rules, remote, None, entity, twin, find_user=find_user, envelope=envelope
     )
 
 
@@ -190,25 +190,79 @@ def test_merge_sees_no_conflict_when_both_sides_made_the_same_change(red, alice)
     assert (planned.fields.get("summary"), planned.conflicts) == (None, [])
 
 
+LATER, EARLIER = "2999-01-01T00:00:00+00:00", "2000-01-01T00:00:00+00:00"
+
+
 @pytest.mark.parametrize(
-    ("policy", "remote_updated", "chosen"),
+    ("policy", "envelope", "chosen", "rule"),
     [
-        ("remote", None, "remote"),
-        ("local", None, "local"),
-        ("newest", "2999-01-01T00:00:00+00:00", "remote"),
-        ("newest", "2000-01-01T00:00:00+00:00", "local"),
+        ("remote", {"policy": "local"}, "remote", "remote"),
+        ("remote", {"policy": "newest", "changed": EARLIER}, "remote", "remote"),
+        ("local", {"policy": "remote"}, "local", "local"),
+        ("newest", {"policy": "local"}, "remote", "theirs"),
+        ("newest", {"policy": "remote"}, "local", "theirs"),
+        ("newest", {"policy": "newest", "changed": LATER}, "remote", "newest"),
+        ("newest", {"policy": "newest", "changed": EARLIER}, "local", "newest"),
+        # Contradicting policies fall back to the newer change.
+        ("remote", {"policy": "remote", "changed": LATER}, "remote", "newest"),
+        ("remote", {"policy": "remote", "changed": EARLIER}, "local", "newest"),
+        ("local", {"policy": "local", "changed": LATER}, "remote", "newest"),
+        # No date from the other side: the initiator's change (this side's here).
+        ("newest", {}, "local", "initiator"),
     ],
 )
-def test_merge_settles_a_field_changed_on_both_sides_by_the_policy(red, alice, policy, remote_updated, chosen):
+def test_merge_settles_a_field_changed_on_both_sides_by_both_policies(red, alice, policy, envelope, chosen, rule):
     red.conflict_policy = policy
     issue = blue_issue(alice, summary="Blue's")
-    remote = replica(summary="Red's", **({"updated": remote_updated} if remote_updated else {}))
-    planned = plan(red, remote, issue.key, merged_twin(red, issue))
+    planned = plan(red, replica(summary="Red's"), issue.key, merged_twin(red, issue), envelope=envelope)
     assert planned.conflicts == [
-        {"field": "summary", "base": "Base", "local": "Blue's", "remote": "Red's", "chosen": chosen, "policy": policy}
+        {"field": "summary", "base": "Base", "local": "Blue's", "remote": "Red's", "chosen": chosen, "policy": rule}
     ]
     assert planned.fields.get("summary") == ("Red's" if chosen == "remote" else None)
     assert planned.merge_base["summary"] == "Red's", "the next merge compares with what Red holds now"
+
+
+def test_both_sides_settle_a_conflict_the_same_way_whatever_their_policies():
+    """Each side computes with the other's policy and date: whichever pair, they pick the same change."""
+    policies, dates = ("remote", "local", "newest", None), (None, EARLIER, LATER)
+    for blue_policy in policies[:3]:
+        for red_policy in policies[:3]:
+            for blue_date in dates:
+                for red_date in dates:
+                    at_blue = processors.Settling(
+                        policy=blue_policy,
+                        remote_policy=red_policy,
+                        remote_changed=processors._when(red_date),
+                        initiator=True,
+                    ).remote_wins(blue_date)[0]
+                    at_red = processors.Settling(
+                        policy=red_policy,
+                        remote_policy=blue_policy,
+                        remote_changed=processors._when(blue_date),
+                        initiator=False,
+                    ).remote_wins(red_date)[0]
+                    assert at_blue != at_red, (blue_policy, red_policy, blue_date, red_date)
+
+
+def test_merge_dates_this_sides_change_by_the_message_that_first_sent_it(red, alice):
+    """Red's change is newer than the update that sent Blue's value, though Blue's issue changed since."""
+    red.conflict_policy = "newest"
+    issue = blue_issue(alice, summary="Blue's")
+    twin = merged_twin(red, issue)
+    twin.sent_fields = {"summary": ["Blue's", EARLIER]}
+    middle = "2500-01-01T00:00:00+00:00"
+    planned = plan(red, replica(summary="Red's"), issue.key, twin, envelope={"policy": "newest", "changed": middle})
+    assert (planned.fields.get("summary"), planned.conflicts[0]["policy"]) == ("Red's", "newest")
+
+
+def test_merge_does_not_take_back_what_this_side_sent_last(red, alice):
+    """The other side holds our last value (an ack that crossed a later edit here): the edit stays."""
+    issue = blue_issue(alice, summary="Edited since")
+    twin = twin_of(red, issue.key)  # no base yet: a first sync's ack
+    twin.sent_fields = {"summary": ["Sent first", EARLIER]}
+    planned = plan(red, replica(summary="Sent first"), issue.key, twin)
+    assert (planned.fields.get("summary"), planned.conflicts) == (None, [])
+    assert planned.merge_base["summary"] == "Sent first"
 
 
 def test_merge_takes_everything_where_there_is_no_base_yet(red, alice):
