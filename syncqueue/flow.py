@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -506,6 +507,18 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
         raise transport.RemoteError("the attachments to fetch kept changing; will try again")
     finally:
         downloads.close()
+        _answered.keys = set()
+
+
+# (connection id, local key) of updates just applied whose ack is queued, until their
+# transaction's commit has announced the write: that announcement is the sync's own echo
+# on that connection, and running the outgoing rules again would only find the ack's replica.
+_answered = threading.local()
+
+
+def answered_already(connection_id: int, key: str) -> bool:
+    """Whether a change announced for ``key`` is the write of an update whose ack this connection queued."""
+    return (connection_id, key) in getattr(_answered, "keys", ())
 
 
 def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
@@ -599,6 +612,8 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
             # The acknowledgement: what this side now holds, made by our own outgoing rules.
             ack, _ = processors.run_outgoing(connection, rules, written, twin)
             _queue(twin, Kind.ACK, ack, acks=str(event.message_id), entity=written)
+            if getattr(tracker, "shares_database", False):
+                _answered.keys = {*getattr(_answered, "keys", ()), (connection.pk, written.key)}
         else:
             twin.save()
         _finish(event, rules)

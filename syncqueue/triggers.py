@@ -61,7 +61,8 @@ def on_entity_changed(sender, key: str, change: str, actor=None, **kwargs) -> No
     try:
         tracker = flow.local_tracker()
         for connection in connections_for(key, tracker):
-            flow.sync_entity(connection, key, tracker=tracker)
+            if not flow.answered_already(connection.pk, key):
+                flow.sync_entity(connection, key, tracker=tracker)
     except (TrackerError, flow.SyncRefused) as e:
         log.warning("could not sync %s after a change: %s", key, e)
 

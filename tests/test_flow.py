@@ -415,3 +415,20 @@ def test_it_records_which_rules_version_failed(red):
     [failed] = events(red.twin())
     assert failed.status == "failed"
     assert failed.rules_version == red.connection.rules_versions.get(number=2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_write_of_an_applied_update_does_not_run_the_outgoing_rules_again(red, alice, monkeypatch):
+    """Its ack was computed as it was applied: the announcement of that write is the sync's own echo."""
+    synced = []
+    real = flow.sync_entity
+    monkeypatch.setattr(
+        flow, "sync_entity", lambda connection, key, **kw: synced.append(key) or real(connection, key, **kw)
+    )
+    key = first_sync(red, summary="Hello")
+    red.send(red.update(summary="Hello again"))
+    work()
+    assert (tracker().get(key).summary, synced) == ("Hello again", [])
+    actions.update_issue(Issue.objects.get(key=key), {"summary": "A person's words"}, actor=alice)
+    assert synced == [key], "a person's write is synced as ever"
+    assert events(red.twin(), "outgoing")[-1].payload["replica"]["summary"] == "A person's words"
