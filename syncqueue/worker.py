@@ -205,6 +205,15 @@ def delivered(connection: Connection, events: list[SyncEvent], answer: dict) -> 
 
 
 def _sending_failed(connection: Connection, events: list[SyncEvent], error: transport.RemoteError) -> None:
+    # Only events still being sent: the request may have reached the remote before its answer
+    # was lost, and an ack applied meanwhile finished the update. Sent again, it would be
+    # answered "stored already", never acknowledged twice, and stay "sent" for good.
+    still = set(
+        SyncEvent.objects.filter(pk__in=[e.pk for e in events], status=Status.SENDING).values_list("pk", flat=True)
+    )
+    events = [e for e in events if e.pk in still]
+    if not events:
+        return
     if error.permanent:
         for event in events:
             flow.record_failure(event, error)
@@ -212,7 +221,7 @@ def _sending_failed(connection: Connection, events: list[SyncEvent], error: tran
     # Down or busy: nothing is lost, the events wait and the connection says why.
     attempts = max(e.attempts for e in events) + 1
     delay = min(flow.backoff(attempts), MAX_SEND_BACKOFF)
-    SyncEvent.objects.filter(pk__in=[e.pk for e in events]).update(
+    SyncEvent.objects.filter(pk__in=[e.pk for e in events], status=Status.SENDING).update(
         status=Status.PENDING,
         lease_owner="",
         lease_expires=None,

@@ -192,3 +192,22 @@ def test_it_finishes_an_update_whose_ack_came_before_the_send_was_answered(red, 
         worker.send_outgoing("test-worker")
     update.refresh_from_db()
     assert update.status == "done"
+
+
+def test_it_does_not_send_again_an_update_acknowledged_while_its_answer_was_lost(red, alice):
+    issue = twinned(red, alice)
+    actions.update_issue(issue, {"summary": "S1"}, actor=alice)
+    changed(red, issue)
+    update = red.outgoing(kind="update")[-1]
+
+    def lost_answer(connection, messages):
+        # Red stored and applied it, and its ack arrived; then the answer to this request was lost.
+        red.send(red.ack(update.message_id, key="RED-1", remote_key=issue.key, summary="S1"))
+        work()
+        raise transport.RemoteError("the remote node did not answer in time (504)")
+
+    with mock.patch.object(transport, "post_messages", lost_answer):
+        worker.send_outgoing("test-worker")
+    update.refresh_from_db()
+    # Sent again, Red would answer "stored already" and never ack it twice: it would stay "sent".
+    assert update.status == "done"
