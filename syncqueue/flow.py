@@ -489,8 +489,10 @@ class _Downloads:
             spool.close()
 
 
-def apply_incoming(event: SyncEvent, tracker: Tracker) -> None:
+def apply_incoming(event: SyncEvent, tracker: Tracker) -> bool:
     """Apply one claimed incoming event in order; raises ScriptError/TrackerError/RemoteError on failure.
+
+    False when it waits for an earlier message of its twin (a gap), and is left as it was.
 
     Attachment bytes are downloaded outside the transaction: a slow download must not hold
     the twin's lock, nor, on SQLite, the database's one write lock, for its whole length.
@@ -521,7 +523,7 @@ def answered_already(connection_id: int, key: str) -> bool:
     return (connection_id, key) in getattr(_answered, "keys", ())
 
 
-def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
+def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
     with transaction.atomic():
         twin = (
             Twin.objects.select_for_update(of=("self",))
@@ -531,9 +533,9 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
         connection = twin.connection
         if event.seq <= twin.in_seq:
             _finish(event)  # applied before (a redelivery): the effect must happen once
-            return
+            return True
         if event.seq != twin.in_seq + 1:
-            return  # a gap: wait for the missing message
+            return False  # a gap: wait for the missing message
         if event.kind == Kind.STOP:
             twin.state = Twin.State.STOPPED
             twin.in_seq = event.seq
@@ -543,7 +545,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
                 twin=twin, direction=Direction.OUTGOING, kind=Kind.UPDATE, status=Status.SENT
             ).update(status=Status.DONE, finished=timezone.now(), error="the other side stopped syncing this")
             _finish(event)
-            return
+            return True
         if twin.state == Twin.State.STOPPED:
             if not (event.kind == Kind.UPDATE and event.payload.get("restart")):
                 # Stopped here: messages that crossed the stop change nothing. An update gets a
@@ -555,7 +557,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
                 else:
                     _queue(twin, Kind.STOP, None)
                 _finish(event)
-                return
+                return True
             twin.state = Twin.State.OK  # someone on the other side chose to sync it again
         rules = connection.active_rules
         replica = event.payload.get("replica") or {}
@@ -578,7 +580,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
             twin.in_seq = event.seq
             _queue(twin, Kind.STOP, None)
             _finish(event, rules)
-            return
+            return True
         if event.kind == Kind.ACK and _answers_an_older_update(twin, event):
             # A later update of ours is on its way: this ack shows the other side before it, so
             # its field values are older than ours here and must not undo them. (Its comments and
@@ -597,7 +599,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
             # A private remote uploaded the bytes here already: read from the database, no waiting.
             limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
             fetch = lambda meta: transport.fetch_attachment(connection, sender_key, meta["sha256"], limit)  # noqa: E731
-        written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch)
+        written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
         twin.local_key = written.key
         if plan.merge_base is not None:
             twin.merge_base = plan.merge_base
@@ -617,6 +619,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> None:
         else:
             twin.save()
         _finish(event, rules)
+        return True
 
 
 def _answers_an_older_update(twin: Twin, ack: SyncEvent) -> bool:

@@ -478,29 +478,40 @@ def apply_plan(
     key: str | None,
     twin,
     fetch_attachment: Callable[[dict], bytes],
+    current: Entity | None = None,
 ) -> Entity:
-    """Carry out ``plan`` on the tracker; updates the twin's maps (the caller saves the twin)."""
+    """Carry out ``plan`` on the tracker; updates the twin's maps (the caller saves the twin).
+
+    Returns the entity as written. ``current`` is the entity the plan was made from: when
+    the plan writes nothing it is the answer, and no read is spent on it.
+    """
+    written = current
     if plan.create:
-        key = create_entity(tracker, plan).key
+        written = create_entity(tracker, plan)
+        key = written.key
     elif plan.fields:
-        tracker.update(key, plan.fields)
+        written = tracker.update(key, plan.fields)
+    more = False  # comments or attachments written: the entity must be read again
     additions = [op for op in plan.comments if op[0] == "add"]
     if len(additions) > 1 and hasattr(tracker, "add_comments"):
         # A tracker that can write many comments at once does (a first sync brings them all).
         for op, added in zip(additions, tracker.add_comments(key, [op[2] for op in additions]), strict=True):
             twin.comment_map[op[1]] = added.id
-        additions = []
+        additions, more = [], True
     for op in plan.comments:
         if op[0] == "add":
             if op in additions:
                 twin.comment_map[op[1]] = tracker.add_comment(key, op[2]).id
+                more = True
         elif op[0] == "link":
             twin.comment_map[op[1]] = op[2]
         elif op[0] == "update":
             tracker.update_comment(key, op[2], op[3])
+            more = True
         elif op[0] == "delete":
             tracker.delete_comment(key, op[2])
             twin.comment_map.pop(op[1], None)
+            more = True
     for op in plan.attachments:
         if op[0] == "add":
             meta = op[2]
@@ -509,6 +520,7 @@ def apply_plan(
                 key, meta.get("filename") or "attachment", content, meta.get("content_type") or ""
             )
             twin.attachment_map[op[1]] = added.id
+            more = True
         elif op[0] == "link":
             twin.attachment_map[op[1]] = op[2]
             twin.linked_attachments = sorted({*twin.linked_attachments, op[2]})
@@ -516,4 +528,5 @@ def apply_plan(
             tracker.remove_attachment(key, op[2])
             twin.attachment_map.pop(op[1], None)
             twin.linked_attachments = [i for i in twin.linked_attachments if i != op[2]]
-    return tracker.get(key)
+            more = True
+    return tracker.get(key) if more or written is None else written

@@ -106,7 +106,7 @@ def process_incoming(owner: str, limit: int = INCOMING_BATCH) -> int:
     applied = False
     for position, event in enumerate(events):
         try:
-            flow.apply_incoming(event, tracker)
+            finished = flow.apply_incoming(event, tracker)
         except TrackerUnavailable as e:
             # The tracker as a whole is out: this and the rest wait, no twin is blocked.
             return _hold(events[position:], e) + position
@@ -117,10 +117,11 @@ def process_incoming(owner: str, limit: int = INCOMING_BATCH) -> int:
             flow.record_failure(event, e)
         else:
             applied = True
-            # A gap left it unapplied: release it to wait for the missing message.
-            SyncEvent.objects.filter(pk=event.pk, status=Status.PROCESSING).update(
-                status=Status.PENDING, lease_owner="", lease_expires=None
-            )
+            if not finished:
+                # A gap left it unapplied: release it to wait for the missing message.
+                SyncEvent.objects.filter(pk=event.pk, status=Status.PROCESSING).update(
+                    status=Status.PENDING, lease_owner="", lease_expires=None
+                )
     if applied:
         health.tracker_ok()
     return len(events)

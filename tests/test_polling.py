@@ -145,7 +145,8 @@ def test_sync_many_queues_each_changed_entity_once_in_a_fixed_number_of_queries(
     entities = [tracker().get(blue_issue(alice, summary=f"Bulk {n}").key) for n in range(50)]
     with CaptureQueriesContext(db) as queries:
         assert flow.sync_many(red, entities, tracker=tracker()) == 50
-    assert len(queries) <= 12, "reads and writes go in bulk, not one round per entity"
+    # SQLite's limit of 999 parameters splits the twins' insert in two (a twin has 20 columns).
+    assert len(queries) <= 13, "reads and writes go in bulk, not one round per entity"
     assert flow.sync_many(red, entities, tracker=tracker()) == 0, "nothing new to send the second time"
     assert sorted(e.seq for e in outgoing(red)) == [1] * 50
 
