@@ -77,7 +77,8 @@ def _request(
 def _error_text(response) -> str:
     try:
         return str(response.json().get("error", ""))[:300]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, requests.RequestException):
+        # Not JSON, or (a streamed download's error) its body was cut off as it was read.
         return response.reason or ""
 
 

@@ -177,6 +177,27 @@ def test_it_retries_an_attachment_download_cut_off_midway(red):
     assert twin.state == "ok", f"the twin is {twin.state}: {twin.blocked_reason}"
 
 
+class CutErrorResponse:
+    """A download answered 502 by a proxy whose error body breaks off as it is read."""
+
+    status_code = 502
+    reason = "Bad Gateway"
+
+    def json(self):
+        raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead(20 bytes read)")
+
+
+def test_it_retries_an_attachment_download_whose_error_answer_is_cut_off(red):
+    with mock.patch.object(transport, "_session") as session:
+        session.return_value.request.return_value = CutErrorResponse()
+        red.send(red.update(attachments=[attachment("a1", b"some bytes")]))
+        work()
+    twin = red.twin()
+    assert twin.state == "ok", f"the twin is {twin.state}: {twin.blocked_reason}"
+    [event] = twin.events.filter(direction="incoming")
+    assert event.status == "pending" and "502" in event.error, "it waits to be tried again"
+
+
 def test_it_finishes_an_update_whose_ack_came_before_the_send_was_answered(red, alice):
     issue = twinned(red, alice)
     actions.update_issue(issue, {"summary": "S1"}, actor=alice)
