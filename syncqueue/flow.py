@@ -583,9 +583,10 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
             return True
         if event.kind == Kind.ACK and _answers_an_older_update(twin, event):
             # A later update of ours is on its way: this ack shows the other side before it, so
-            # its field values are older than ours here and must not undo them. (Its comments and
-            # attachments are merged as usual; the next ack brings the fields.)
-            plan.fields = {}
+            # its field values are older than ours here and must not undo them. Nor may the base
+            # move: a change of theirs it is the first to carry would then look old when their
+            # next message brings it again. (Comments and attachments are merged as usual.)
+            plan.fields, plan.merge_base, plan.conflicts = {}, None, []
         sender_key = replica.get("key") or twin.remote_key
         added = [op[2] for op in plan.attachments if op[0] == "add"]
         if any(not isinstance(meta.get("sha256"), str) for meta in added):

@@ -441,6 +441,27 @@ def test_a_field_edited_on_both_sides_at_once_is_settled_the_same_way_on_both(re
     assert [e.kind for e in red.outgoing()][-2:] == ["update", "ack"], "nothing goes back and forth"
 
 
+def test_a_change_first_carried_by_an_ack_older_than_our_latest_update_still_arrives(red, alice):
+    """Red's person changed a field just as Red applied our first update: only that ack carries it."""
+    issue = blue_issue(alice, summary="First words")
+    first = flow.sync_entity(red.connection, issue.key)
+    actions.update_issue(issue, {"description": "Second thoughts"}, actor=alice)
+    second = flow.sync_entity(red.connection, issue.key)
+    # The ack of the first update is older than our second: its fields are not applied. It is
+    # also the first to carry Red's new summary, which Red's next messages carry again.
+    red.send(red.ack(first.message_id, key="RED-1", remote_key=issue.key, summary="Red's words"))
+    work()
+    assert tracker().get(issue.key).summary == "First words"
+    red.send(
+        red.ack(
+            second.message_id, key="RED-1", remote_key=issue.key, summary="Red's words", description="Second thoughts"
+        )
+    )
+    work()
+    entity = tracker().get(issue.key)
+    assert (entity.summary, entity.description) == ("Red's words", "Second thoughts"), "Red's change was lost"
+
+
 def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policies_and_recorded(red, alice, bob_api):
     red.send(red.update(summary="Made on Red"))
     work()
