@@ -267,10 +267,15 @@ def create_issue(project: Project | str, fields: Mapping[str, Any], actor=None) 
 
 
 @transaction.atomic
-def update_issue(issue: Issue, fields: Mapping[str, Any], actor=None) -> set[str]:
-    """Apply only the given fields; returns the names that really changed (nothing bumps otherwise)."""
+def update_issue(issue: Issue, fields: Mapping[str, Any], actor=None, *, locked: bool = False) -> set[str]:
+    """Apply only the given fields; returns the names that really changed (nothing bumps otherwise).
+
+    ``locked``: the caller read ``issue`` under its row lock in this transaction, so it is
+    current and is changed in place (else it is read again, locked).
+    """
     _check_fields(fields)
-    issue = Issue.objects.select_for_update().get(pk=issue.pk)
+    if not locked:
+        issue = Issue.objects.select_for_update().get(pk=issue.pk)
     changed: set[str] = set()
 
     def assign(name: str, value: Any) -> None:
@@ -298,6 +303,7 @@ def update_issue(issue: Issue, fields: Mapping[str, Any], actor=None) -> set[str
             if labels != issue.label_names:
                 issue.labels.all().delete()
                 Label.objects.bulk_create([Label(issue=issue, name=label) for label in labels])
+                getattr(issue, "_prefetched_objects_cache", {}).pop("labels", None)  # read afresh
                 changed.add(name)
     if changed:
         issue.updated = timezone.now()

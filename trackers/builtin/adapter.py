@@ -232,9 +232,17 @@ class BuiltinTracker:
 
     @_translated
     def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
+        # Read once, locked, with all that the answer needs; changed in place and returned
+        # without reading it again (the sync applies an update per incoming message).
         with transaction.atomic():
-            actions.update_issue(self._issue(key, for_update=True), fields, actor=self._actor())
-        return self.get(key)
+            if not isinstance(key, str):
+                raise NotFound(f"no issue {key!r}")
+            try:
+                issue = issue_queryset().select_for_update(of=("self",)).get(key=key.upper())
+            except models.Issue.DoesNotExist:
+                raise NotFound(f"no issue {key}") from None
+            actions.update_issue(issue, fields, actor=self._actor(), locked=True)
+            return to_entity(issue)
 
     def _comment(self, key: str, comment_id: str) -> models.Comment:
         issue = self._issue(key)
