@@ -688,6 +688,21 @@ def split_comments(issue: dict) -> tuple[dict[str, dict], dict[str, list[dict]]]
     return originals, copies
 
 
+def loop_details(node: LiveNode, twin: dict) -> str:
+    """For a twin blocked as a sync loop: what its last replicas both ways disagree on, and its conflicts."""
+    if not twin["last_error"].startswith("sync loop"):
+        return ""
+    detail = node.api("GET", f"twins/{twin['id']}/")
+    sent, received = detail["last_sent"] or {}, detail["last_received"] or {}
+    differ = {
+        name: (sent.get(name), received.get(name))
+        for name in sorted(set(sent) | set(received))
+        if name not in ("key", "comments", "attachments") and sent.get(name) != received.get(name)
+    }
+    conflicts = [(c["field"], c["local"], c["remote"], c["chosen"], c["policy"]) for c in detail["conflicts"][:6]]
+    return f"\n      sent != received: {differ}\n      conflicts (newest first): {conflicts}"
+
+
 def check(driver: Driver) -> tuple[list[str], dict[str, int], list[str]]:
     """Every breach of the promises, one line each; the counts looked at; the blocked twins and why."""
     findings: list[str] = []
@@ -714,7 +729,10 @@ def check(driver: Driver) -> tuple[list[str], dict[str, int], list[str]]:
         for twin in shot.twins:
             if twin["state"] == "blocked":
                 counts["blocked_twins"] += 1
-                blocked.append(f"{side} {twin['local_key']} <-> {twin['remote_key']}: {twin['last_error'][:200]}")
+                blocked.append(
+                    f"{side} {twin['local_key']} <-> {twin['remote_key']}: {twin['last_error'][:200]}"
+                    + loop_details(driver.node(side), twin)
+                )
                 if not twin["last_error"]:
                     findings.append(f"silent: {side} twin of {twin['local_key']} is blocked without a reason")
             elif twin["state"] != "ok":
