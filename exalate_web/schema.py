@@ -185,6 +185,7 @@ MESSAGE = {
         "restart": {"type": "boolean"},
         "changed": {"type": "string", "maxLength": 40, "nullable": True},
         "policy": {"type": "string", "maxLength": 40, "nullable": True},
+        "seen": {"type": "integer", "minimum": 0, "maximum": 2147483647, "nullable": True},
     },
     "required": ["id", "kind", "seq", "key"],
 }

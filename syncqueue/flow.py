@@ -237,12 +237,19 @@ def _record_loop(twin: Twin, replica: dict) -> SyncEvent:
 
 
 def _envelope(connection: Connection, twin: Twin, entity: Entity) -> dict[str, Any]:
-    """What a message of ``entity``'s says beside its replica, for settling conflicts the same way on
-    both sides (processors.Settling); records on the twin what it sends of each field."""
+    """What a message of ``entity``'s says beside its replica, and records what it sends of each field.
+
+    ``changed`` and ``policy`` settle conflicts the same way on both sides
+    (processors.Settling); ``seen`` tells the other side which of its messages this one
+    had applied, so that a value of its own this side held back then is not taken for a
+    change of ours. ``fields`` (kept here, not sent) are our fields' values in it.
+    """
     twin.sent_fields = processors.sent_fields_of(entity, twin.sent_fields)
     return {
         "changed": entity.updated.isoformat() if entity.updated else None,
         "policy": connection.conflict_policy,
+        "seen": twin.in_seq,
+        "fields": {name: value for name, (value, _) in twin.sent_fields.items()},
     }
 
 
@@ -331,16 +338,16 @@ def message_of(event: SyncEvent) -> dict[str, Any]:
     if event.payload.get("restart"):
         message["restart"] = True
     for name in ENVELOPE:
-        if event.payload.get(name):
+        if event.payload.get(name) is not None:
             message[name] = event.payload[name]
     return message
 
 
 # --- receiving -------------------------------------------------------------------------------
 
-# Beside the replica, for settling a conflict the same way on both sides: when the sender's
-# entity last changed, and the sender's conflict policy.
-ENVELOPE = ("changed", "policy")
+# Beside the replica (see _envelope): when the sender's entity last changed, its conflict
+# policy, and how many of the receiver's messages it had applied.
+ENVELOPE = ("changed", "policy", "seen")
 MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "restart", *ENVELOPE}
 MAX_SEQ = 2**31 - 1  # the largest sequence number every database column here holds
 
@@ -374,11 +381,14 @@ def validate_message(message: Any) -> str | None:
         return "acks must be a message id"
     if message.get("restart") not in (None, True, False):
         return "restart must be true or false"
-    for name in ENVELOPE:
+    for name in ("changed", "policy"):
         if message.get(name) is not None and (not isinstance(message[name], str) or len(message[name]) > 40):
             return f"{name} must be text of at most 40 characters"
+    seen = message.get("seen")
+    if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen <= MAX_SEQ):
+        return f"seen must be a whole number from 0 to {MAX_SEQ}"
     # PostgreSQL stores no NUL character in text or JSON; refuse it here rather than fail later.
-    if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks", *ENVELOPE)):
+    if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks", "changed", "policy")):
         return "text must not contain NUL characters"
     if message.get("replica") is not None and "\\u0000" in json.dumps(message["replica"]):
         return "the replica must not contain NUL characters"
@@ -440,7 +450,7 @@ def _store(connection: Connection, message: dict[str, Any]) -> bool:
             "replica": message.get("replica"),
             "acks": message.get("acks"),
             "restart": bool(message.get("restart")),
-            **{name: message[name] for name in ENVELOPE if message.get(name)},
+            **{name: message[name] for name in ENVELOPE if message.get(name) is not None},
         },
     )
     return True
@@ -572,6 +582,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
                 twin,
                 find_user=find_user_for(tracker),
                 envelope=event.payload,
+                seen_fields=_newly_seen(twin, event),
             )
         except StopSync as e:
             # The rules stopped it: say so to the other side too, so that it stops sending.
@@ -581,7 +592,8 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
             _queue(twin, Kind.STOP, None)
             _finish(event, rules)
             return True
-        if event.kind == Kind.ACK and _answers_an_older_update(twin, event):
+        if event.kind == Kind.ACK and event.payload.get("seen") is None and _answers_an_older_update(twin, event):
+            # (A message that says what it had seen of ours is merged field by field instead.)
             # A later update of ours is on its way: this ack shows the other side before it, so
             # its field values are older than ours here and must not undo them. Nor may the base
             # move: a change of theirs it is the first to carry would then look old when their
@@ -604,6 +616,8 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
         twin.local_key = written.key
         if plan.merge_base is not None:
             twin.merge_base = plan.merge_base
+            if event.payload.get("seen") is not None:
+                twin.merge_seen = event.payload["seen"]
         Conflict.objects.bulk_create(Conflict(twin=twin, event=event, **found) for found in plan.conflicts)
         twin.last_received = replica
         twin.last_received_hash = replica_hash(replica)
@@ -621,6 +635,32 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
             twin.save()
         _finish(event, rules)
         return True
+
+
+def _fields_as_of(twin: Twin, seq: int) -> dict[str, Any]:
+    """Our fields' values in the last of our messages up to ``seq`` (the sender had applied it)."""
+    found = (
+        twin.events.filter(direction=Direction.OUTGOING, seq__gt=0, seq__lte=seq)
+        .exclude(kind=Kind.STOP)
+        .order_by("-seq")
+        .values_list("payload__fields", flat=True)
+        .first()
+    )
+    return found or {}
+
+
+def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
+    """Our fields' values that the sender of ``event`` had newly applied since its previous message.
+
+    Where its value is one of these, it took ours: not a change of its own. A value of ours
+    it had seen before is not counted, for it may have set that value again itself.
+    """
+    seen = event.payload.get("seen")
+    if seen is None:
+        return None
+    now = _fields_as_of(twin, seen)
+    before = _fields_as_of(twin, twin.merge_seen) if twin.merge_seen else {}
+    return {name: value for name, value in now.items() if name not in before or before[name] != value}
 
 
 def _answers_an_older_update(twin: Twin, ack: SyncEvent) -> bool:

@@ -54,6 +54,8 @@ class Twin(models.Model):
     # carried it: {field: [value, iso time]}. merge_fields dates our side of a conflict by it,
     # and does not take back a value that is only ours returning.
     sent_fields = models.JSONField(default=dict, blank=True)
+    # How many of our messages the other side had applied when it made the last one merged.
+    merge_seen = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

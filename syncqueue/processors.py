@@ -191,6 +191,7 @@ class Helpers:
         find_user: Callable[[Any], str | None] | None = None,
         merge_base: Mapping[str, Any] | None = None,
         sent_fields: Mapping[str, Any] | None = None,
+        seen_fields: Mapping[str, Any] | None = None,
         settling: Settling | None = None,
     ):
         self._entity = entity
@@ -198,6 +199,7 @@ class Helpers:
         self._issue = None  # the script's writable issue, set by plan_incoming
         self._base = dict(merge_base or {})
         self._sent = dict(sent_fields or {})
+        self._seen = dict(seen_fields or {})
         self._settling = settling or Settling()
         self._merged = False
         self._conflicts: list[dict[str, Any]] = []
@@ -303,7 +305,8 @@ class Helpers:
         Each argument names a local field and gives the other side's value in local terms
         (mapped already). The base is that same value from the last merge. A field the
         other side did not change is left alone, so an edit made here is not overwritten;
-        nor is a value that is only ours coming back (the last one we sent for that field).
+        nor is a value that is only ours coming back (the last one we sent for that field, or
+        the one in the last message of ours the other side had applied).
         A field changed on both sides to different values is a conflict, settled the same
         way on both sides (see ``Settling``) and recorded.
         """
@@ -316,9 +319,10 @@ class Helpers:
             local = _local_value(self._entity, name)
             sent = self._sent.get(name)
             self._merged = True
-            if sent is not None and remote == sent[0]:
-                # The other side holds what we last sent: applying it could only undo a later
-                # edit made here (an ack that crossed it, say).
+            if (sent is not None and remote == sent[0]) or (name in self._seen and remote == self._seen[name]):
+                # The other side holds what we last sent, or what we held in the last message of
+                # ours it had applied: a value of ours, not a change of theirs. Applying it could
+                # only undo a later edit made here (an ack that crossed it, say).
                 pass
             elif name not in self._base:
                 self._issue[name] = to_script(remote)  # no base yet: take theirs, as a plain assignment would
@@ -412,8 +416,10 @@ def plan_incoming(
     twin=None,
     find_user: Callable[[Any], str | None] | None = None,
     envelope: Mapping[str, Any] | None = None,
+    seen_fields: Mapping[str, Any] | None = None,
 ) -> IncomingPlan:
-    """``envelope``: what the message said beside the replica (``changed``, ``policy``)."""
+    """``envelope``: what the message said beside the replica (``changed``, ``policy``, ``seen``);
+    ``seen_fields``: our fields in the last of our messages it had applied."""
     view = entity_view(entity)
     issue = to_script({k: view[k] for k in (*WRITABLE, "key", "project", "comments", "attachments")})
     helpers = Helpers(
@@ -427,6 +433,7 @@ def plan_incoming(
         find_user=find_user,
         merge_base=twin.merge_base if twin else None,
         sent_fields=twin.sent_fields if twin else None,
+        seen_fields=seen_fields,
         settling=Settling.of(connection, envelope, entity),
     )
     helpers._issue = issue

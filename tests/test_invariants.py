@@ -441,25 +441,74 @@ def test_a_field_edited_on_both_sides_at_once_is_settled_the_same_way_on_both(re
     assert [e.kind for e in red.outgoing()][-2:] == ["update", "ack"], "nothing goes back and forth"
 
 
+def seen(message: dict, seq: int) -> dict:
+    """``message`` as Red made it, having applied Blue's messages up to ``seq``."""
+    return {**message, "seen": seq}
+
+
 def test_a_change_first_carried_by_an_ack_older_than_our_latest_update_still_arrives(red, alice):
     """Red's person changed a field just as Red applied our first update: only that ack carries it."""
     issue = blue_issue(alice, summary="First words")
     first = flow.sync_entity(red.connection, issue.key)
     actions.update_issue(issue, {"description": "Second thoughts"}, actor=alice)
     second = flow.sync_entity(red.connection, issue.key)
-    # The ack of the first update is older than our second: its fields are not applied. It is
-    # also the first to carry Red's new summary, which Red's next messages carry again.
-    red.send(red.ack(first.message_id, key="RED-1", remote_key=issue.key, summary="Red's words"))
+    # The ack of the first update is older than our second: its description is ours as Red had
+    # it then (not a change of Red's), while its summary is Red's own change.
+    red.send(seen(red.ack(first.message_id, key="RED-1", remote_key=issue.key, summary="Red's words"), 1))
     work()
-    assert tracker().get(issue.key).summary == "First words"
+    entity = tracker().get(issue.key)
+    assert (entity.summary, entity.description) == ("Red's words", "Second thoughts"), "Red's change was lost"
     red.send(
-        red.ack(
-            second.message_id, key="RED-1", remote_key=issue.key, summary="Red's words", description="Second thoughts"
+        seen(
+            red.ack(
+                second.message_id,
+                key="RED-1",
+                remote_key=issue.key,
+                summary="Red's words",
+                description="Second thoughts",
+            ),
+            2,
         )
     )
     work()
     entity = tracker().get(issue.key)
-    assert (entity.summary, entity.description) == ("Red's words", "Second thoughts"), "Red's change was lost"
+    assert (entity.summary, entity.description) == ("Red's words", "Second thoughts")
+
+
+def test_a_value_of_ours_red_held_before_it_saw_our_latest_update_is_not_taken_for_its_change(red, alice):
+    """Blue clears a field before Red's ack of the first update comes; Red's messages made before
+    it saw the clearing still carry Blue's old value (a sync loop once grew from this)."""
+    issue = blue_issue(alice, summary="First words", description="Blue's words")
+    first = flow.sync_entity(red.connection, issue.key)
+    actions.update_issue(issue, {"description": ""}, actor=alice)
+    flow.sync_entity(red.connection, issue.key)
+    red.send(
+        seen(
+            red.ack(
+                first.message_id, key="RED-1", remote_key=issue.key, summary="First words", description="Blue's words"
+            ),
+            1,
+        )
+    )
+    # Red's person changes the summary; Red's update still has Blue's old description.
+    red.send(seen(red.update(remote_key=issue.key, summary="Red's words", description="Blue's words"), 1))
+    work()
+    entity = tracker().get(issue.key)
+    assert (entity.summary, entity.description) == ("Red's words", ""), "Blue's clearing was undone"
+
+
+def test_red_setting_a_field_back_to_a_value_it_had_from_blue_is_its_own_change(red, alice):
+    """Red takes Blue's words, changes them, and back: the last change is Red's, though the words were Blue's."""
+    issue = blue_issue(alice, summary="Blue's words")
+    first = flow.sync_entity(red.connection, issue.key)
+    red.send(seen(red.ack(first.message_id, key="RED-1", remote_key=issue.key, summary="Blue's words"), 1))
+    red.send(seen(red.update(remote_key=issue.key, summary="Red's words"), 1))
+    work()
+    assert tracker().get(issue.key).summary == "Red's words"
+    # Before Red has applied Blue's ack of that update, Red's person sets the first words again.
+    red.send(seen(red.update(remote_key=issue.key, summary="Blue's words"), 1))
+    work()
+    assert tracker().get(issue.key).summary == "Blue's words", "Red's last change was taken for Blue's own value"
 
 
 def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policies_and_recorded(red, alice, bob_api):
