@@ -186,6 +186,12 @@ MESSAGE = {
         "changed": {"type": "string", "maxLength": 40, "nullable": True},
         "policy": {"type": "string", "maxLength": 40, "nullable": True},
         "seen": {"type": "integer", "minimum": 0, "maximum": 2147483647, "nullable": True},
+        "dates": {
+            "type": "object",
+            "maxProperties": 20,
+            "additionalProperties": {"type": "string", "maxLength": 40},
+            "nullable": True,
+        },
     },
     "required": ["id", "kind", "seq", "key"],
 }

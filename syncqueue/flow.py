@@ -249,6 +249,7 @@ def _envelope(connection: Connection, twin: Twin, entity: Entity) -> dict[str, A
         "changed": entity.updated.isoformat() if entity.updated else None,
         "policy": connection.conflict_policy,
         "seen": twin.in_seq,
+        "dates": {name: date for name, (_, date) in twin.sent_fields.items() if date},
         "fields": {name: value for name, (value, _) in twin.sent_fields.items()},
     }
 
@@ -347,7 +348,7 @@ def message_of(event: SyncEvent) -> dict[str, Any]:
 
 # Beside the replica (see _envelope): when the sender's entity last changed, its conflict
 # policy, and how many of the receiver's messages it had applied.
-ENVELOPE = ("changed", "policy", "seen")
+ENVELOPE = ("changed", "policy", "seen", "dates")
 MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "restart", *ENVELOPE}
 MAX_SEQ = 2**31 - 1  # the largest sequence number every database column here holds
 
@@ -387,6 +388,15 @@ def validate_message(message: Any) -> str | None:
     seen = message.get("seen")
     if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen <= MAX_SEQ):
         return f"seen must be a whole number from 0 to {MAX_SEQ}"
+    dates = message.get("dates")
+    if dates is not None and not (
+        isinstance(dates, dict)
+        and len(dates) <= 20
+        and all(isinstance(k, str) and isinstance(v, str) and len(k) <= 40 and len(v) <= 40 for k, v in dates.items())
+    ):
+        return "dates must map at most 20 field names to dates"
+    if dates and any("\x00" in k + v for k, v in dates.items()):
+        return "text must not contain NUL characters"
     # PostgreSQL stores no NUL character in text or JSON; refuse it here rather than fail later.
     if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks", "changed", "policy")):
         return "text must not contain NUL characters"

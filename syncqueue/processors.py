@@ -112,15 +112,18 @@ class Settling:
 
     Each side's policy is a vote: "remote" names the other side the winner, "local" itself,
     "newest" neither. One named winner, or both naming the same side, decide. Otherwise
-    (no vote, or both claiming, or both yielding) the newer change wins. Each change is
-    dated by the message that first carried it (its ``changed``, stamped by its sender),
-    so both sides compare the same two times; equal or unknown times go to the
-    initiator's side. Every message carries its sender's policy for this.
+    (no vote, or both claiming, or both yielding) the newer change wins. Each side's value
+    is dated by the message that first carried it (its ``changed``, stamped by its
+    sender), so both sides compare the same two times; equal or unknown times go to the
+    initiator's side. Every message carries its sender's policy, and the date of each of
+    its fields' values (``dates``): a message carrying an older value again (an ack of a
+    side that kept its value) must not date it anew.
     """
 
     policy: str = "newest"
     remote_policy: str | None = None
     remote_changed: datetime | None = None
+    remote_dates: Mapping[str, str] = field(default_factory=dict)
     # When the entity here last changed: the date of a local change not sent yet.
     local_changed: datetime | None = None
     initiator: bool = True
@@ -133,12 +136,13 @@ class Settling:
             policy=connection.conflict_policy,
             remote_policy=remote_policy if remote_policy in Connection.ConflictPolicy.values else None,
             remote_changed=_when(envelope.get("changed")),
+            remote_dates=envelope.get("dates") if isinstance(envelope.get("dates"), Mapping) else {},
             local_changed=entity.updated if entity is not None else None,
             initiator=connection.is_initiator,
         )
 
-    def remote_wins(self, ours_sent: str | None) -> tuple[bool, str]:
-        """Whether the other side's value wins, and by which rule (``Conflict.RULES``).
+    def remote_wins(self, ours_sent: str | None, name: str = "") -> tuple[bool, str]:
+        """Whether the other side's value of field ``name`` wins, and by which rule (``Conflict.RULES``).
 
         ``ours_sent``: the ``changed`` of the message that first carried our value, if sent.
         """
@@ -149,8 +153,9 @@ class Settling:
         if theirs is not None and mine is None:
             return theirs, "theirs"
         ours = _when(ours_sent) if ours_sent else self.local_changed
-        if ours is not None and self.remote_changed is not None and ours != self.remote_changed:
-            return self.remote_changed > ours, "newest"
+        theirs_date = _when(self.remote_dates.get(name)) or self.remote_changed
+        if ours is not None and theirs_date is not None and ours != theirs_date:
+            return theirs_date > ours, "newest"
         return not self.initiator, "initiator"
 
 
@@ -331,7 +336,7 @@ class Helpers:
                     self._issue[name] = to_script(remote)
                 else:
                     ours = sent[1] if sent is not None and sent[0] == local else None
-                    take_remote, rule = self._settling.remote_wins(ours)
+                    take_remote, rule = self._settling.remote_wins(ours, name)
                     if take_remote:
                         self._issue[name] = to_script(remote)
                     self._conflicts.append(

@@ -255,6 +255,17 @@ def test_merge_dates_this_sides_change_by_the_message_that_first_sent_it(red, al
     assert (planned.fields.get("summary"), planned.conflicts[0]["policy"]) == ("Red's", "newest")
 
 
+def test_merge_dates_the_other_sides_value_by_when_it_first_sent_it_not_by_the_message(red, alice):
+    """An ack made late carries Red's value of long ago again: that value is older than Blue's."""
+    red.conflict_policy = "newest"
+    issue = blue_issue(alice, summary="Blue's")
+    twin = merged_twin(red, issue)
+    twin.sent_fields = {"summary": ["Blue's", "2500-01-01T00:00:00+00:00"]}
+    envelope = {"policy": "newest", "changed": LATER, "dates": {"summary": EARLIER}}
+    planned = plan(red, replica(summary="Red's"), issue.key, twin, envelope=envelope)
+    assert (planned.fields.get("summary"), planned.conflicts[0]["chosen"]) == (None, "local")
+
+
 def test_merge_does_not_take_back_what_this_side_sent_last(red, alice):
     """The other side holds our last value (an ack that crossed a later edit here): the edit stays."""
     issue = blue_issue(alice, summary="Edited since")
