@@ -88,12 +88,11 @@ def sync_entity(connection: Connection, key: str, *, tracker: Tracker | None = N
             twin.state = Twin.State.OK
             twin.blocked_reason = ""
         try:
-            replica, _ = processors.run_outgoing(connection, connection.active_rules, entity, twin)
+            entity, replica, digest = _replica_of(connection, connection.active_rules, entity, twin, tracker)
         except StopSync:
             return None
         except ScriptError as e:
             return _record_outgoing_failure(twin, e)
-        digest = replica_hash(replica)
         if digest == twin.last_sent_hash and not force:
             twin.save()
             return None
@@ -150,13 +149,12 @@ def sync_many(connection: Connection, entities, *, tracker: Tracker, versions: d
             if twin.in_seq != versions.get(twin.local_key, 0):
                 entity = tracker.get(twin.local_key)  # an incoming message was applied since the read
             try:
-                replica, _ = processors.run_outgoing(connection, rules, entity, twin)
+                entity, replica, digest = _replica_of(connection, rules, entity, twin, tracker)
             except StopSync:
                 continue
             except ScriptError as e:
                 _record_outgoing_failure(twin, e)
                 continue
-            digest = replica_hash(replica)
             if digest == twin.last_sent_hash:
                 continue
             if account is not None and entity.updated_by is not None and entity.updated_by.id == account:
@@ -183,12 +181,36 @@ def sync_many(connection: Connection, entities, *, tracker: Tracker, versions: d
                 )
             )
         Twin.objects.bulk_update(
-            changed, ["out_seq", "last_sent", "last_sent_hash", "bounces", "sent_fields"], batch_size=500
+            changed,
+            ["out_seq", "last_sent", "last_sent_hash", "bounces", "sent_fields", "sent_version"],
+            batch_size=500,
         )
         SyncEvent.objects.bulk_create(events, batch_size=500)
         if events:
             kick()
     return len(events)
+
+
+def _replica_of(connection: Connection, rules, entity: Entity, twin: Twin, tracker: Tracker):
+    """``(entity, replica, digest)``: what the outgoing rules make of ``entity``, read under the twin's lock.
+
+    An entity read before the lock that is no newer than the one behind our last message
+    may be older than it (a person's change synced in between): sent after it, it would
+    undo that change on the other side. It is read again first, so that messages go out in
+    the order of their reads.
+    """
+    replica, _ = processors.run_outgoing(connection, rules, entity, twin)
+    digest = replica_hash(replica)
+    if (
+        digest != twin.last_sent_hash
+        and entity.updated is not None
+        and twin.sent_version is not None
+        and entity.updated <= twin.sent_version
+    ):
+        entity = tracker.get(entity.key)
+        replica, _ = processors.run_outgoing(connection, rules, entity, twin)
+        digest = replica_hash(replica)
+    return entity, replica, digest
 
 
 def _sync_account_id(tracker: Tracker) -> str | None:
@@ -245,6 +267,7 @@ def _envelope(connection: Connection, twin: Twin, entity: Entity) -> dict[str, A
     change of ours. ``fields`` (kept here, not sent) are our fields' values in it.
     """
     twin.sent_fields = processors.sent_fields_of(entity, twin.sent_fields)
+    twin.sent_version = entity.updated
     return {
         "changed": entity.updated.isoformat() if entity.updated else None,
         "policy": connection.conflict_policy,

@@ -56,6 +56,9 @@ class Twin(models.Model):
     sent_fields = models.JSONField(default=dict, blank=True)
     # How many of our messages the other side had applied when it made the last one merged.
     merge_seen = models.PositiveIntegerField(null=True, blank=True)
+    # The ``updated`` of the entity our last message was made from. A read of the entity no
+    # newer than this may be older than what went out, and is read again before it is sent.
+    sent_version = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

@@ -267,6 +267,38 @@ def test_a_single_sync_does_not_send_back_an_older_state_either(red):
     assert [e.kind for e in red.outgoing()] == ["ack", "ack"]
 
 
+def test_a_poll_does_not_send_a_state_older_than_one_already_sent(red, alice):
+    """A poll read the issue, a person changed it and its sync went first: the poll's older read
+    must not follow it out, or the other side would undo the change (remove the new file, say)."""
+    issue = blue_issue(alice, summary="First words")
+    flow.sync_entity(red.connection, issue.key)
+    versions = flow.twin_versions(red.connection)
+    read_by_poll = tracker().get(issue.key)
+    actions.update_issue(issue, {"summary": "Second thoughts"}, actor=alice)
+    flow.sync_entity(red.connection, issue.key)
+    flow.sync_many(red.connection, [read_by_poll], tracker=tracker(), versions=versions)
+    assert [e.payload["replica"]["summary"] for e in red.outgoing()] == ["First words", "Second thoughts"]
+
+
+def test_a_single_sync_does_not_send_a_state_older_than_one_already_sent(red, alice):
+    issue = blue_issue(alice, summary="First words")
+    flow.sync_entity(red.connection, issue.key)
+
+    class Racing(BuiltinTracker):
+        raced = False
+
+        def get(self, key):
+            entity = super().get(key)
+            if not Racing.raced:
+                Racing.raced = True  # a person's change and its sync, between this read and the twin's lock
+                actions.update_issue(Issue.objects.get(key=key), {"summary": "Second thoughts"}, actor=alice)
+                flow.sync_entity(red.connection, key)
+            return entity
+
+    flow.sync_entity(red.connection, issue.key, tracker=Racing())
+    assert [e.payload["replica"]["summary"] for e in red.outgoing()] == ["First words", "Second thoughts"]
+
+
 def test_it_stops_a_twin_that_bounces_without_settling(red, django_capture_on_commit_callbacks):
     use_rules(red.connection, incoming=LOOPING_RULES)
     with django_capture_on_commit_callbacks(execute=True):
