@@ -691,6 +691,8 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
     seen = event.payload.get("seen")
     if seen is None:
         return None
+    if seen == twin.merge_seen:
+        return {}  # nothing of ours applied there since its last message
     now = _fields_as_of(twin, seen)
     before = _fields_as_of(twin, twin.merge_seen) if twin.merge_seen else {}
     return {name: value for name, value in now.items() if name not in before or before[name] != value}

@@ -476,11 +476,17 @@ def plan_incoming(
     )
 
 
-def create_entity(tracker: Tracker, plan: IncomingPlan) -> Entity:
-    """The first-sync creation a plan asks for."""
+def create_entity(tracker: Tracker, plan: IncomingPlan, comments: list[str] | None = None):
+    """The first-sync creation a plan asks for.
+
+    With ``comments`` (a tracker with ``create_with_comments``), the comments are written
+    with it and the answer is ``(entity, comments added)``.
+    """
     if not plan.project:
         raise TrackerError("the incoming rules did not set issue.project for a first sync", permanent=True)
     fields = {k: v for k, v in plan.fields.items() if v is not None or k in ("assignee", "priority")}
+    if comments is not None:
+        return tracker.create_with_comments(plan.project, fields, comments)
     return tracker.create(plan.project, fields)
 
 
@@ -498,19 +504,29 @@ def apply_plan(
     the plan writes nothing it is the answer, and no read is spent on it.
     """
     written = current
-    if plan.create:
+    comment_ops = plan.comments
+    more = False  # comments or attachments written: the entity must be read again
+    if plan.create and comment_ops and hasattr(tracker, "create_with_comments"):
+        # A first sync brings the issue and its comments: one write, answered without a read.
+        bodies = [op[2] for op in comment_ops if op[0] == "add"]
+        written, added = create_entity(tracker, plan, bodies)
+        key = written.key
+        for op, comment in zip([op for op in comment_ops if op[0] == "add"], added, strict=True):
+            twin.comment_map[op[1]] = comment.id
+        comment_ops = [op for op in comment_ops if op[0] != "add"]
+        more = bool(comment_ops)
+    elif plan.create:
         written = create_entity(tracker, plan)
         key = written.key
     elif plan.fields:
         written = tracker.update(key, plan.fields)
-    more = False  # comments or attachments written: the entity must be read again
-    additions = [op for op in plan.comments if op[0] == "add"]
+    additions = [op for op in comment_ops if op[0] == "add"]
     if len(additions) > 1 and hasattr(tracker, "add_comments"):
         # A tracker that can write many comments at once does (a first sync brings them all).
         for op, added in zip(additions, tracker.add_comments(key, [op[2] for op in additions]), strict=True):
             twin.comment_map[op[1]] = added.id
         additions, more = [], True
-    for op in plan.comments:
+    for op in comment_ops:
         if op[0] == "add":
             if op in additions:
                 twin.comment_map[op[1]] = tracker.add_comment(key, op[2]).id

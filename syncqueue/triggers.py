@@ -44,15 +44,28 @@ def _matches(trigger: Trigger, key: str, tracker: Tracker) -> bool:
 
 
 def connections_for(key: str, tracker: Tracker) -> list[Connection]:
-    """Connections on which ``key`` is (or should come) under sync."""
+    """Connections on which ``key`` is (or should come) under sync.
+
+    A change the sync itself just answered on a connection (``flow.answered_already``)
+    does not count there, and costs no trigger query.
+    """
+    connections = [
+        c
+        for c in Connection.objects.filter(status__in=SYNCING).select_related("active_rules")
+        if not flow.answered_already(c.pk, key)
+    ]
+    if not connections:
+        return []
     twinned = set(
-        Twin.objects.filter(local_key=key).exclude(state=Twin.State.STOPPED).values_list("connection_id", flat=True)
+        Twin.objects.filter(connection__in=connections, local_key=key)
+        .exclude(state=Twin.State.STOPPED)
+        .values_list("connection_id", flat=True)
     )
-    found = []
-    for connection in Connection.objects.filter(status__in=SYNCING).select_related("active_rules"):
-        if connection.pk in twinned or any(_matches(t, key, tracker) for t in connection.triggers.filter(active=True)):
-            found.append(connection)
-    return found
+    return [
+        c
+        for c in connections
+        if c.pk in twinned or any(_matches(t, key, tracker) for t in c.triggers.filter(active=True))
+    ]
 
 
 def on_entity_changed(sender, key: str, change: str, actor=None, **kwargs) -> None:
@@ -61,8 +74,7 @@ def on_entity_changed(sender, key: str, change: str, actor=None, **kwargs) -> No
     try:
         tracker = flow.local_tracker()
         for connection in connections_for(key, tracker):
-            if not flow.answered_already(connection.pk, key):
-                flow.sync_entity(connection, key, tracker=tracker)
+            flow.sync_entity(connection, key, tracker=tracker)
     except (TrackerError, flow.SyncRefused) as e:
         log.warning("could not sync %s after a change: %s", key, e)
 

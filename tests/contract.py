@@ -113,6 +113,21 @@ def check_it_creates_and_reads_back_an_entity(h: Harness) -> None:
     assert h.tracker.get(created.key) == created, "get must return what create returned"
 
 
+def check_it_creates_with_comments_what_get_reads(h: Harness) -> None:
+    """``create_with_comments`` is optional (a first sync's one write); where it is, its answer is true."""
+    if not hasattr(h.tracker, "create_with_comments"):
+        return
+    for labels in ([], ["hardware"]):
+        fields = {"summary": f"contract {uuid.uuid4().hex[:8]}", "status": h.statuses[1]}
+        if h.supports_labels:
+            fields["labels"] = labels
+        entity, added = h.tracker.create_with_comments(h.project, fields, ["First note", "Second note"])
+        h.created.append(entity.key)
+        assert [c.body for c in added] == ["First note", "Second note"]
+        assert list(entity.comments) == added
+        assert h.tracker.get(entity.key) == entity, "get must return what create_with_comments returned"
+
+
 def check_it_updates_only_the_given_fields(h: Harness) -> None:
     entity = h.new(summary="Before", description="Keep me", **({"labels": ["one"]} if h.supports_labels else {}))
     updated = h.tracker.update(entity.key, {"summary": "After", "status": h.statuses[1]})

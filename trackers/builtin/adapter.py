@@ -105,7 +105,8 @@ def _open_file(storage, name: str) -> IO[bytes]:
         raise TrackerError(f"cannot read attachment {name}: {e}", permanent=False) from e
 
 
-def to_entity(issue: models.Issue) -> Entity:
+def to_entity(issue: models.Issue, *, labels=None, comments=None, attachments=None) -> Entity:
+    """The entity of ``issue``; ``labels``, ``comments`` and ``attachments`` given are not read."""
     return Entity(
         key=issue.key,
         id=str(issue.pk),
@@ -117,13 +118,13 @@ def to_entity(issue: models.Issue) -> Entity:
         priority=issue.priority.name if issue.priority else "",
         assignee=actions.person(issue.assignee),
         reporter=actions.person(issue.reporter),
-        labels=tuple(issue.label_names),
+        labels=tuple(issue.label_names if labels is None else labels),
         custom_fields=dict(issue.custom_fields),
         created=issue.created,
         updated=issue.updated,
         updated_by=actions.person(issue.updated_by),
-        comments=tuple(to_comment(c) for c in issue.comments.all()),
-        attachments=tuple(to_attachment(a) for a in issue.attachments.all()),
+        comments=tuple(to_comment(c) for c in (issue.comments.all() if comments is None else comments)),
+        attachments=tuple(to_attachment(a) for a in (issue.attachments.all() if attachments is None else attachments)),
     )
 
 
@@ -227,8 +228,23 @@ class BuiltinTracker:
 
     @_translated
     def create(self, project: str, fields: Mapping[str, Any]) -> Entity:
-        issue = actions.create_issue(project, fields, actor=self._actor())
-        return self.get(issue.key)
+        return self.create_with_comments(project, fields, [])[0]
+
+    @_translated
+    def create_with_comments(
+        self, project: str, fields: Mapping[str, Any], bodies: list[str]
+    ) -> tuple[Entity, list[Comment]]:
+        """``create`` and ``add_comments`` in one write (a first sync brings both).
+
+        The answer is made from what was written, not read again: a new issue has no
+        attachments, and only the comments given.
+        """
+        actor = self._actor()
+        with transaction.atomic():
+            issue = actions.create_issue(project, fields, actor=actor)
+            added = actions.add_comments(issue, bodies, actor=actor)
+        entity = to_entity(issue, labels=None if fields.get("labels") else (), comments=added, attachments=())
+        return entity, list(entity.comments)
 
     @_translated
     def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
