@@ -429,13 +429,95 @@ def validate_message(message: Any) -> str | None:
 
 
 def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Store each valid message once (dedup on its id); answer which were accepted."""
-    accepted, rejected = [], {}
+    """Store each valid message once (dedup on its id); answer which were accepted.
+
+    A batch is stored in one transaction; should that fail (a message delivered twice at
+    once, a pairing the batch itself contradicts), each message is stored on its own, so
+    that one cannot cost the others their place.
+    """
+    accepted, rejected, valid = [], {}, []
     for message in messages:
         problem = validate_message(message)
         if problem:
             rejected[str(message.get("id") if isinstance(message, dict) else "?")[:64]] = problem
+        else:
+            valid.append(message)
+    try:
+        with transaction.atomic():
+            stored, refused = _store_many(connection, valid)
+    except (DatabaseError, ValueError):
+        _store_each(connection, valid, accepted, rejected)
+    else:
+        if stored:
+            kick()
+        rejected.update(refused)
+        accepted.extend(m["id"] for m in valid if m["id"] not in refused)
+    Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now())
+    return {"accepted": accepted, "rejected": rejected}
+
+
+def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple[int, dict[str, str]]:
+    """``_store`` for a batch, in a few queries: how many were new, and the ones refused with why."""
+    if not messages:
+        return 0, {}
+    known = {
+        str(i)
+        for i in SyncEvent.objects.filter(
+            connection=connection, direction=Direction.INCOMING, message_id__in=[m["id"] for m in messages]
+        ).values_list("message_id", flat=True)
+    }
+    ours = {m["remote_key"] for m in messages if m.get("remote_key")}
+    theirs = {m["key"] for m in messages}
+    twins = list(
+        Twin.objects.select_for_update()
+        .filter(connection=connection)
+        .filter(Q(local_key__in=ours) | Q(remote_key__in=theirs))
+        .order_by("id")
+    )
+    by_local = {t.local_key: t for t in twins if t.local_key}
+    by_remote = {t.remote_key: t for t in twins if t.remote_key}
+    events, refused = [], {}
+    for message in messages:
+        message_id = str(uuid.UUID(str(message["id"])))
+        if message_id in known:
             continue
+        twin = by_local.get(message["remote_key"]) if message.get("remote_key") else None
+        if twin is not None and twin.remote_key not in (None, message["key"]):
+            refused[message["id"]] = f"cannot store: {message['remote_key']} is already paired with {twin.remote_key}"
+            continue
+        if twin is None:
+            twin = by_remote.get(message["key"])
+            if twin is None:
+                twin = by_remote[message["key"]] = Twin.objects.create(connection=connection, remote_key=message["key"])
+        elif twin.remote_key is None:
+            twin.remote_key = message["key"]
+            twin.save(update_fields=["remote_key"])
+            by_remote[twin.remote_key] = twin
+        known.add(message_id)
+        events.append(_incoming_event(connection, twin, message))
+    SyncEvent.objects.bulk_create(events)
+    return len(events), refused
+
+
+def _incoming_event(connection: Connection, twin: Twin, message: dict[str, Any]) -> SyncEvent:
+    return SyncEvent(
+        connection=connection,
+        twin=twin,
+        direction=Direction.INCOMING,
+        kind=message["kind"],
+        seq=message["seq"],
+        message_id=message["id"],
+        payload={
+            "replica": message.get("replica"),
+            "acks": message.get("acks"),
+            "restart": bool(message.get("restart")),
+            **{name: message[name] for name in ENVELOPE if message.get(name) is not None},
+        },
+    )
+
+
+def _store_each(connection: Connection, messages, accepted: list, rejected: dict) -> None:
+    for message in messages:
         try:
             with transaction.atomic():
                 if _store(connection, message):
@@ -449,8 +531,6 @@ def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str,
                 rejected[message["id"]] = f"cannot store: {e}"
         except (DatabaseError, ValueError) as e:
             rejected[message["id"]] = f"cannot store: {e}"
-    Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now())
-    return {"accepted": accepted, "rejected": rejected}
 
 
 def _stored(connection: Connection, message_id: str) -> bool:
@@ -472,20 +552,7 @@ def _store(connection: Connection, message: dict[str, Any]) -> bool:
     elif twin.remote_key is None:
         twin.remote_key = message["key"]
         twin.save(update_fields=["remote_key"])
-    SyncEvent.objects.create(
-        connection=connection,
-        twin=twin,
-        direction=Direction.INCOMING,
-        kind=message["kind"],
-        seq=message["seq"],
-        message_id=message["id"],
-        payload={
-            "replica": message.get("replica"),
-            "acks": message.get("acks"),
-            "restart": bool(message.get("restart")),
-            **{name: message[name] for name in ENVELOPE if message.get(name) is not None},
-        },
-    )
+    _incoming_event(connection, twin, message).save()
     return True
 
 

@@ -62,6 +62,44 @@ def test_it_stores_a_message_delivered_twice_once(client, connection):
     assert Twin.objects.count() == 1
 
 
+def test_it_stores_a_batch_of_one_new_twin_in_order_with_one_twin(client, connection):
+    batch = [message(seq=n, replica={"key": "RED-1", "summary": f"v{n}"}) for n in (1, 2, 3)]
+    response, _ = post(client, connection, batch)
+    assert response.json() == {"accepted": [m["id"] for m in batch], "rejected": {}}
+    assert Twin.objects.count() == 1
+    assert list(SyncEvent.objects.order_by("seq").values_list("seq", "twin__remote_key")) == [
+        (1, "RED-1"),
+        (2, "RED-1"),
+        (3, "RED-1"),
+    ]
+
+
+def test_a_message_refused_in_a_batch_costs_the_others_nothing(client, connection):
+    Twin.objects.create(connection=connection, local_key="BLUE-1", remote_key="RED-1")
+    wrong_pair = message(key="RED-2", remote_key="BLUE-1")  # BLUE-1 is paired with RED-1
+    good = message(key="RED-3")
+    again = message(key="RED-1", remote_key="BLUE-1")
+    response, _ = post(client, connection, [wrong_pair, good, again, again])
+    answer = response.json()
+    assert answer["accepted"] == [good["id"], again["id"], again["id"]]
+    assert list(answer["rejected"]) == [wrong_pair["id"]]
+    assert "already paired with RED-1" in answer["rejected"][wrong_pair["id"]]
+    assert sorted(SyncEvent.objects.values_list("twin__remote_key", flat=True)) == ["RED-1", "RED-3"]
+
+
+def test_a_batch_that_cannot_be_stored_whole_is_stored_message_by_message(client, connection):
+    # BLUE-1 waits for its remote key; the first message gives RED-7 a twin of its own, the
+    # second would pair BLUE-1 with RED-7 too: the batch fails whole, the first stands alone.
+    Twin.objects.create(connection=connection, local_key="BLUE-1")
+    first = message(key="RED-7")
+    clash = message(key="RED-7", seq=2, remote_key="BLUE-1")
+    response, _ = post(client, connection, [first, clash])
+    answer = response.json()
+    assert answer["accepted"] == [first["id"]]
+    assert list(answer["rejected"]) == [clash["id"]]
+    assert SyncEvent.objects.get().message_id == uuid.UUID(first["id"])
+
+
 def test_it_refuses_a_replayed_request(client, connection):
     body = json.dumps({"messages": [message()]}).encode()
     headers = signing.sign(connection.secret, str(connection.uuid), "POST", PATH, body)
