@@ -201,3 +201,22 @@ def test_the_registry_imports_adapters_by_kind():
     assert raised.value.permanent
     with pytest.raises(TrackerError, match="invalid settings for a builtin tracker"):
         registry.create("builtin", url="http://example.org")
+
+
+def test_an_update_right_after_a_read_answers_with_the_issue_as_written(project, alice):
+    tracker = BuiltinTracker(account="sync")
+    key = actions.create_issue(project, {"summary": "First"}, alice).key
+    tracker.get(key)
+    assert tracker.update(key, {"summary": "Second"}) == tracker.get(key)
+
+
+def test_an_update_after_the_issue_changed_since_the_read_answers_with_that_change_too(project, alice):
+    tracker = BuiltinTracker(account="sync")
+    issue = actions.create_issue(project, {"summary": "First", "labels": ["old"]}, alice)
+    tracker.get(issue.key)
+    actions.add_comment(issue, "Written meanwhile", actor=alice)
+    actions.update_issue(issue, {"labels": ["new"]}, actor=alice)
+    answer = tracker.update(issue.key, {"summary": "Second"})
+    assert [c.body for c in answer.comments] == ["Written meanwhile"]
+    assert answer.labels == ("new",)
+    assert answer == tracker.get(issue.key)

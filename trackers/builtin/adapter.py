@@ -140,6 +140,9 @@ class BuiltinTracker:
             raise TrackerError("the built-in tracker needs an account name", permanent=True)
         self.account = account
         self._user = None
+        # The issue behind the last ``get``, with all it read: an ``update`` of it that finds it
+        # unchanged under the row lock writes to it instead of reading it all again.
+        self._recent: models.Issue | None = None
 
     # --- reading -------------------------------------------------------------------------
 
@@ -155,9 +158,10 @@ class BuiltinTracker:
     @_translated
     def get(self, key: str) -> Entity:
         try:
-            return to_entity(issue_queryset().get(key=str(key).upper()))
+            self._recent = issue_queryset().get(key=str(key).upper())
         except models.Issue.DoesNotExist:
             raise NotFound(f"no issue {key}") from None
+        return to_entity(self._recent)
 
     @_translated
     def changed_since(self, since: datetime | None, *, cursor: str | None = None, limit: int = 100) -> Page:
@@ -253,10 +257,19 @@ class BuiltinTracker:
         with transaction.atomic():
             if not isinstance(key, str):
                 raise NotFound(f"no issue {key!r}")
-            try:
-                issue = issue_queryset().select_for_update(of=("self",)).get(key=key.upper())
-            except models.Issue.DoesNotExist:
-                raise NotFound(f"no issue {key}") from None
+            issue, self._recent = self._recent, None
+            if issue is not None and issue.key == key.upper():
+                # Every change moves ``updated``: the same value under the lock means the same issue.
+                locked = models.Issue.objects.select_for_update().filter(pk=issue.pk).values_list("updated").first()
+                if locked is None or locked[0] != issue.updated:
+                    issue = None
+            else:
+                issue = None
+            if issue is None:
+                try:
+                    issue = issue_queryset().select_for_update(of=("self",)).get(key=key.upper())
+                except models.Issue.DoesNotExist:
+                    raise NotFound(f"no issue {key}") from None
             actions.update_issue(issue, fields, actor=self._actor(), locked=True)
             return to_entity(issue)
 
