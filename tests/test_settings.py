@@ -174,7 +174,7 @@ def test_it_reads_a_postgres_url(monkeypatch):
     assert database["ENGINE"] == "django.db.backends.postgresql"
     assert (database["NAME"], database["USER"], database["PASSWORD"]) == ("exalate", "sync", "p@ss")
     assert (database["HOST"], database["PORT"]) == ("db.example.org", "5433")
-    assert database["OPTIONS"] == {"server_side_binding": True, "sslmode": "require"}
+    assert database["OPTIONS"] == {"server_side_binding": True, "prepare_threshold": 5, "sslmode": "require"}
     assert database["CONN_MAX_AGE"] > 0
 
 
