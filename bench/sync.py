@@ -18,8 +18,8 @@ and django-q2 through ``runnode``) on 127.0.0.1, driven through their REST APIs:
    first shows there.
 
 Every process of both nodes is sampled for its memory (VmRSS, peak kept; VmHWM) and CPU
-time. ``--profile`` records the workers with py-spy during the bulk sync and sums up
-where their time went. The figures go to bench/results/latest.json (the one before to
+time. ``--profile`` records the workers with py-spy during the bulk sync and the latency
+phase, and sums up where their time went. The figures go to bench/results/latest.json (the one before to
 previous.json) and are printed beside the previous run's and the targets. Nothing is
 asserted. Nodes, databases and Redis databases are removed at the end, also on Ctrl-C.
 """
@@ -393,13 +393,14 @@ def print_table(results: dict, previous: dict | None) -> None:
             f"{p['node']:6} {p['role']:22} {p['pid']:>8} {p['peak_rss_mb']:>12} {p['hwm_mb']:>9} "
             f"{p['cpu_seconds']:>7} {show(p.get('bulk_cpu_seconds')):>10}"
         )
-    for name, group in (results.get("profile") or {}).items():
-        print(f"\nprofile of {name} during the bulk sync ({group['samples']:,} samples, idle included):")
-        for kind, share in group["kinds"].items():
-            print(f"  {share:5.1f}%  {kind}")
-        print("  innermost project function (the code that made the call the sample is in):")
-        for function, share in list(group["project_functions_innermost"].items())[:10]:
-            print(f"    {share:5.1f}%  {function}")
+    for field, phase in (("profile", "the bulk sync"), ("latency_profile", "the latency phase")):
+        for name, group in (results.get(field) or {}).items():
+            print(f"\nprofile of {name} during {phase} ({group['samples']:,} samples, idle included):")
+            for kind, share in group["kinds"].items():
+                print(f"  {share:5.1f}%  {kind}")
+            print("  innermost project function (the code that made the call the sample is in):")
+            for function, share in list(group["project_functions_innermost"].items())[:10]:
+                print(f"    {share:5.1f}%  {function}")
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -430,7 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=60, help="How long to measure latency (0: skip).")
     parser.add_argument("--rate", type=float, default=20, help="Changes per second while measuring latency.")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="Seconds between reads of Red (latency).")
-    parser.add_argument("--profile", action="store_true", help="Record the workers with py-spy during the bulk.")
+    parser.add_argument(
+        "--profile", action="store_true", help="Record the workers with py-spy during the bulk and the latency phase."
+    )
     parser.add_argument("--redis-db", type=int, default=12, help="Redis database of Blue; Red uses the next one.")
     parser.add_argument("--stall-seconds", type=float, default=300, help="Give up after this long without progress.")
     args = parser.parse_args(argv)
@@ -506,7 +509,14 @@ def main(argv: list[str] | None = None) -> int:
         wait_until_quiet(watch)
         if args.latency_seconds > 0:
             latency_before = cpu_snapshot(watch)
+            if args.profile:
+                profiler = Profiler(watch, RESULTS / "profile-latency")
+                profiler.start()
             results.update(measure_latency(blue, red, issues, args.latency_seconds, args.rate, args.poll_interval))
+            if profiler is not None:
+                profiler.stop()
+                results["latency_profile"] = profiler.summary()
+                profiler = None
             results["latency_cpu_seconds"] = cpu_spent(latency_before, cpu_snapshot(watch))
             per_change = sum(results["latency_cpu_seconds"].values()) / max(1, results["latency_committed"])
             results["latency_cpu_ms_per_change"] = round(1000 * per_change, 1)
@@ -543,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results, previous)
     print()
-    print(json.dumps({k: v for k, v in results.items() if k not in ("processes", "profile")}, indent=2))
+    shown = {k: v for k, v in results.items() if k not in ("processes", "profile", "latency_profile")}
+    print(json.dumps(shown, indent=2))
     print(f"\nAll figures, with every process and the profile: {RESULTS / 'latest.json'}; node logs beside it")
     return 0
 
