@@ -760,8 +760,20 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
         return None
     if seen == twin.merge_seen:
         return {}  # nothing of ours applied there since its last message
-    now = _fields_as_of(twin, seen)
-    before = _fields_as_of(twin, twin.merge_seen) if twin.merge_seen else {}
+    # Usually both are messages of ours that carried fields: one query reads the two.
+    wanted = [n for n in (seen, twin.merge_seen) if n]
+    found = dict(
+        twin.events.filter(direction=Direction.OUTGOING, seq__in=wanted)
+        .exclude(kind=Kind.STOP)
+        .values_list("seq", "payload__fields")
+    )
+    now = (found[seen] or {}) if seen in found else _fields_as_of(twin, seen)
+    if not twin.merge_seen:
+        before = {}
+    elif twin.merge_seen in found:
+        before = found[twin.merge_seen] or {}
+    else:
+        before = _fields_as_of(twin, twin.merge_seen)
     return {name: value for name, value in now.items() if name not in before or before[name] != value}
 
 
