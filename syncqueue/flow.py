@@ -6,6 +6,7 @@ crash leaves either all of a step or none of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -712,7 +713,10 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
             # A private remote uploaded the bytes here already: read from the database, no waiting.
             limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
             fetch = lambda meta: transport.fetch_attachment(connection, sender_key, meta["sha256"], limit)  # noqa: E731
-        written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
+        # Any error below rolls this whole transaction back: a tracker writing inside it may
+        # skip the savepoints of its own writes.
+        with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
+            written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
         twin.local_key = written.key
         if plan.merge_base is not None:
             twin.merge_base = plan.merge_base

@@ -374,6 +374,21 @@ def test_it_blocks_a_failing_twin_visibly_and_keeps_others_flowing(red, alice_ap
     assert tracker().get(red.twin("RED-1").local_key).summary == "boom"
 
 
+def test_a_write_failing_mid_apply_leaves_nothing_of_that_apply_behind(red):
+    """The sync's writes skip their own savepoints (its transaction is all or nothing): a failure
+    half-way must still undo the issue written before it, and the next message still applies."""
+    too_long = "x" * (actions.MAX_COMMENT + 1)
+    red.send(red.update("RED-1", summary="Half", comments=[comment("c1", "fine"), comment("c2", too_long)]))
+    red.send(red.update("RED-2", summary="Whole", comments=[comment("c3", "fine")]))
+    work()
+    assert not Issue.objects.filter(summary="Half").exists()
+    assert red.twin("RED-1").state == "blocked" and red.twin("RED-1").local_key is None
+    failed = SyncEvent.objects.get(twin__remote_key="RED-1", direction="incoming")
+    assert failed.status == "failed" and "body" in failed.error
+    whole = tracker().get(red.twin("RED-2").local_key)
+    assert (whole.summary, len(whole.comments)) == ("Whole", 1)
+
+
 def test_it_retries_a_transient_failure_with_backoff(red):
     red.send(red.update(attachments=[attachment("a1", b"bytes")]))
     with mock.patch.object(transport, "fetch_attachment", side_effect=RED_DOWN):

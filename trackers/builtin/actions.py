@@ -8,12 +8,15 @@ committed. Views, the REST API and the adapter all call them.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import math
 import mimetypes
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import IO, Any
 
 from django.conf import settings
@@ -55,6 +58,38 @@ def person(user) -> Person | None:
     if user is None:
         return None
     return Person(id=user.get_username(), name=user.get_full_name() or user.get_username(), email=user.email or "")
+
+
+# Set while the caller's transaction is all or nothing (the sync applying a message rolls
+# it back whole on any error): the writes here join it without savepoints of their own,
+# which cost two round trips each.
+_all_or_nothing = contextvars.ContextVar("builtin_all_or_nothing", default=False)
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Writes in this block need no savepoints: the caller rolls its transaction back on any error."""
+    token = _all_or_nothing.set(True)
+    try:
+        yield
+    finally:
+        _all_or_nothing.reset(token)
+
+
+def atomic_block():
+    """``transaction.atomic()``, without a savepoint inside ``all_or_nothing``."""
+    return transaction.atomic(savepoint=not _all_or_nothing.get())
+
+
+def atomic(func):
+    """``@transaction.atomic``, without a savepoint inside ``all_or_nothing``."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with atomic_block():
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 # Changes to an issue within one transaction are announced once, after it commits: the sync
@@ -228,7 +263,7 @@ def default_status() -> Status:
     return status
 
 
-@transaction.atomic
+@atomic
 def create_issue(project: Project | str, fields: Mapping[str, Any], actor=None) -> Issue:
     """A new issue in ``project``. ``fields`` as ISSUE_FIELDS; the reporter defaults to ``actor``."""
     _check_fields(fields)
@@ -266,7 +301,7 @@ def create_issue(project: Project | str, fields: Mapping[str, Any], actor=None) 
     return issue
 
 
-@transaction.atomic
+@atomic
 def update_issue(issue: Issue, fields: Mapping[str, Any], actor=None, *, locked: bool = False) -> set[str]:
     """Apply only the given fields; returns the names that really changed (nothing bumps otherwise).
 
@@ -313,7 +348,7 @@ def update_issue(issue: Issue, fields: Mapping[str, Any], actor=None, *, locked:
     return changed
 
 
-@transaction.atomic
+@atomic
 def delete_issue(issue: Issue, actor=None) -> None:
     files = [a.file.name for a in issue.attachments.all()]
     key = issue.key
@@ -325,7 +360,7 @@ def delete_issue(issue: Issue, actor=None) -> None:
 # --- comments ----------------------------------------------------------------------------
 
 
-@transaction.atomic
+@atomic
 def add_comment(issue: Issue, body: Any, actor=None) -> Comment:
     body = _clean_text("body", body, required=True, max_length=MAX_COMMENT)
     now = timezone.now()
@@ -335,7 +370,7 @@ def add_comment(issue: Issue, body: Any, actor=None) -> Comment:
     return comment
 
 
-@transaction.atomic
+@atomic
 def add_comments(issue: Issue, bodies: Iterable[Any], actor=None) -> list[Comment]:
     """Several comments in one write, in order (the sync adding what the other side wrote)."""
     cleaned = [_clean_text("body", body, required=True, max_length=MAX_COMMENT) for body in bodies]
@@ -350,7 +385,7 @@ def add_comments(issue: Issue, bodies: Iterable[Any], actor=None) -> list[Commen
     return comments
 
 
-@transaction.atomic
+@atomic
 def edit_comment(comment: Comment, body: Any, actor=None) -> Comment:
     body = _clean_text("body", body, required=True, max_length=MAX_COMMENT)
     if body != comment.body:
@@ -362,7 +397,7 @@ def edit_comment(comment: Comment, body: Any, actor=None) -> Comment:
     return comment
 
 
-@transaction.atomic
+@atomic
 def delete_comment(comment: Comment, actor=None) -> None:
     issue = comment.issue
     comment.delete()
@@ -396,7 +431,7 @@ def _chunks(content: IO[bytes]):
         yield chunk
 
 
-@transaction.atomic
+@atomic
 def add_attachment(issue: Issue, filename: Any, content: IO[bytes], content_type: str | None = None, actor=None):
     filename = clean_filename(filename)
     content_type = (content_type or "").strip().lower()
@@ -424,7 +459,7 @@ def add_attachment(issue: Issue, filename: Any, content: IO[bytes], content_type
     return attachment
 
 
-@transaction.atomic
+@atomic
 def remove_attachment(attachment: Attachment, actor=None) -> None:
     issue = attachment.issue
     name = attachment.file.name

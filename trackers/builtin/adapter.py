@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError
 from django.db import connection as db_connection
 from django.db.models import Prefetch, Q, QuerySet
 from django.utils.dateparse import parse_datetime
@@ -325,6 +325,10 @@ class BuiltinTracker:
             if created:
                 user.set_unusable_password()
                 user.save(update_fields=["password"])
+                if db_connection.in_atomic_block:
+                    # Made inside a transaction that may yet roll back (a failed apply): not kept,
+                    # or the next write would name a user that is gone.
+                    return user
             self._user = user
         return self._user
 
@@ -338,6 +342,10 @@ class BuiltinTracker:
             isinstance(ident, str) and ident and users.filter(username=ident).first()
         )
         return user.get_username() if user else None
+
+    def all_or_nothing(self):
+        """The sync's promise that it rolls back on any error: writes skip their savepoints."""
+        return actions.all_or_nothing()
 
     @_translated
     def sync_account(self) -> Person:
@@ -357,7 +365,7 @@ class BuiltinTracker:
         attachments, and only the comments given.
         """
         actor = self._actor()
-        with transaction.atomic():
+        with actions.atomic_block():
             issue = actions.create_issue(project, fields, actor=actor)
             added = actions.add_comments(issue, bodies, actor=actor)
         entity = to_entity(
@@ -372,7 +380,7 @@ class BuiltinTracker:
     def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
         # Read once, locked, with all that the answer needs; changed in place and returned
         # without reading it again (the sync applies an update per incoming message).
-        with transaction.atomic():
+        with actions.atomic_block():
             if not isinstance(key, str):
                 raise NotFound(f"no issue {key!r}")
             try:
