@@ -465,7 +465,9 @@ def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple
         str(i)
         for i in SyncEvent.objects.filter(
             connection=connection, direction=Direction.INCOMING, message_id__in=[m["id"] for m in messages]
-        ).values_list("message_id", flat=True)
+        )
+        .order_by()  # the model's "-id" would have PostgreSQL walk the whole queue backwards
+        .values_list("message_id", flat=True)
     }
     ours = {m["remote_key"] for m in messages if m.get("remote_key")}
     theirs = {m["key"] for m in messages}
@@ -769,6 +771,7 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
     found = dict(
         twin.events.filter(direction=Direction.OUTGOING, seq__in=wanted)
         .exclude(kind=Kind.STOP)
+        .order_by()
         .values_list("seq", "payload__fields")
     )
     now = (found[seen] or {}) if seen in found else _fields_as_of(twin, seen)
@@ -782,12 +785,17 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
 
 
 def _answers_an_older_update(twin: Twin, ack: SyncEvent) -> bool:
-    acked = (
-        SyncEvent.objects.filter(
-            connection_id=twin.connection_id, direction=Direction.OUTGOING, message_id=ack.payload.get("acks")
-        )
-        .values_list("seq", flat=True)
-        .first()
+    # At most one row (the message id is unique per connection and direction); unordered, so
+    # that PostgreSQL finds it by that index rather than walking the queue in id order.
+    acked = next(
+        iter(
+            SyncEvent.objects.filter(
+                connection_id=twin.connection_id, direction=Direction.OUTGOING, message_id=ack.payload.get("acks")
+            )
+            .order_by()
+            .values_list("seq", flat=True)
+        ),
+        None,
     )
     return (
         acked is not None and twin.events.filter(direction=Direction.OUTGOING, kind=Kind.UPDATE, seq__gt=acked).exists()
