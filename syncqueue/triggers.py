@@ -129,6 +129,7 @@ def _should_sync(connection: Connection, entity: Entity, tracker: Tracker, twinn
 def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     """One polling pass for ``connection``; the watermark moves only if the whole pass worked."""
     tracker = tracker or flow.local_tracker()
+    pass_started = timezone.now()
     started = connection.poll_watermark
     high_water = started
     twinned = set(
@@ -147,8 +148,20 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
         cursor = page.next_cursor
         if cursor is None:
             break
+    if getattr(tracker, "shares_database", False):
+        # Its timestamps come from this node's clock, and a write older than SETTLED has
+        # committed by now: the watermark moves up to there even when nothing changed, or
+        # every pass would read again, in the overlap, the thousands of issues an import
+        # wrote in the same second.
+        settled = pass_started - SETTLED
+        if high_water is None or high_water < settled:
+            high_water = settled
     Connection.objects.filter(pk=connection.pk).update(poll_watermark=high_water)
     return queued + sweep(connection, tracker)
+
+
+# How long a write to a tracker that shares the node's database can take to commit.
+SETTLED = timedelta(seconds=10)
 
 
 # Twins re-read per polling pass where the tracker does not report every change.

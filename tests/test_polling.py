@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from unittest import mock
 
 import pytest
@@ -16,7 +17,7 @@ from tests.syncpair import blue_issue, connect_red, tracker, use_rules
 from trackers.base import Page, TrackerError, TrackerUnavailable
 from trackers.builtin import actions
 from trackers.builtin.adapter import BuiltinTracker
-from trackers.builtin.models import Comment
+from trackers.builtin.models import Comment, Issue
 from trackers.signals import entity_changed
 
 DOWN = TrackerUnavailable("cannot reach Redmine at http://127.0.0.1:9: ConnectionError", permanent=False)
@@ -61,6 +62,32 @@ def test_a_pass_queues_what_changed_and_matches_and_then_nothing_more(red, alice
     assert red.poll_watermark == issue.updated
     assert triggers.poll(red) == 0, "an unchanged entity seen again in the overlap is not sent again"
     assert [e.payload["replica"]["key"] for e in outgoing(red)] == [issue.key]
+
+
+def test_a_pass_does_not_read_again_what_settled_before_the_last_pass(red, alice):
+    """Issues imported in one second stay in the overlap of a watermark that no change moves:
+    each pass would read them all again. The built-in tracker's watermark moves on by itself."""
+    for _ in range(3):
+        blue_issue(alice)
+    Issue.objects.update(updated=timezone.now() - timedelta(minutes=5))
+
+    class Counting(BuiltinTracker):
+        read = 0
+
+        def changed_since(self, since, *, cursor=None, limit=100):
+            page = super().changed_since(since, cursor=cursor, limit=limit)
+            Counting.read += len(page.entities)
+            return page
+
+    assert triggers.poll(red, Counting()) == 3
+    red.refresh_from_db()
+    assert red.poll_watermark > timezone.now() - triggers.SETTLED - timedelta(seconds=5)
+    Counting.read = 0
+    assert triggers.poll(red, Counting()) == 0
+    assert Counting.read == 0
+    late = blue_issue(alice)  # a change after the pass is still found
+    assert triggers.poll(red, Counting()) == 1
+    assert Counting.read == 1 and outgoing(red)[-1].payload["replica"]["key"] == late.key
 
 
 def test_a_pass_leaves_out_entities_no_trigger_matches(project, alice):
