@@ -126,6 +126,20 @@ def _should_sync(connection: Connection, entity: Entity, tracker: Tracker, twinn
     )
 
 
+def _sent_versions(connection: Connection, entities, tracker: Tracker) -> dict:
+    """Key -> the ``updated`` of the entity behind our last message, for a tracker whose every
+    change moves ``updated`` to a new instant (the built-in one): an entity still at that
+    version was sent already, and needs no run of the rules (the sync's own writes among them).
+    Redmine's timestamps are whole seconds, and some of its changes move none: not there."""
+    if not getattr(tracker, "shares_database", False) or not entities:
+        return {}
+    return dict(
+        Twin.objects.filter(connection=connection, local_key__in=[e.key for e in entities], sent_version__isnull=False)
+        .order_by()
+        .values_list("local_key", "sent_version")
+    )
+
+
 def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     """One polling pass for ``connection``; the watermark moves only if the whole pass worked."""
     tracker = tracker or flow.local_tracker()
@@ -141,7 +155,12 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     while True:
         versions = flow.twin_versions(connection)
         page = tracker.changed_since(started, cursor=cursor, limit=200)
-        wanted = [entity for entity in page.entities if _should_sync(connection, entity, tracker, twinned)]
+        sent = _sent_versions(connection, page.entities, tracker)
+        wanted = [
+            entity
+            for entity in page.entities
+            if sent.get(entity.key) != entity.updated and _should_sync(connection, entity, tracker, twinned)
+        ]
         queued += flow.sync_many(connection, wanted, tracker=tracker, versions=versions)
         if page.high_water and (high_water is None or page.high_water > high_water):
             high_water = page.high_water

@@ -90,6 +90,17 @@ def test_a_pass_does_not_read_again_what_settled_before_the_last_pass(red, alice
     assert Counting.read == 1 and outgoing(red)[-1].payload["replica"]["key"] == late.key
 
 
+def test_a_pass_runs_no_rules_for_an_issue_still_at_the_version_last_sent(red, alice):
+    issue = blue_issue(alice)
+    flow.sync_entity(red, issue.key)
+    with mock.patch.object(flow.processors, "run_outgoing", wraps=flow.processors.run_outgoing) as rules:
+        assert triggers.poll(red) == 0
+        assert rules.call_count == 0, "the issue is as it was sent"
+        actions.update_issue(issue, {"summary": "Changed since"}, actor=alice)
+        assert triggers.poll(red) == 1
+        assert rules.call_count == 1
+
+
 def test_a_pass_leaves_out_entities_no_trigger_matches(project, alice):
     red = connect_red(trigger=False)
     blue_issue(alice)
