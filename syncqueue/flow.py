@@ -764,8 +764,8 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
     seen = event.payload.get("seen")
     if seen is None:
         return None
-    if seen == twin.merge_seen:
-        return {}  # nothing of ours applied there since its last message
+    if seen == twin.merge_seen or seen == 0:
+        return {}  # nothing of ours applied there (since its last message)
     # Usually both are messages of ours that carried fields: one query reads the two.
     wanted = [n for n in (seen, twin.merge_seen) if n]
     found = dict(

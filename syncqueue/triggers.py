@@ -43,17 +43,23 @@ def _matches(trigger: Trigger, key: str, tracker: Tracker) -> bool:
         return False
 
 
-def connections_for(key: str, tracker: Tracker) -> list[Connection]:
+def unanswered_connections(key: str) -> list[Connection]:
+    """Syncing connections, less those on which the sync itself just answered a change of ``key``."""
+    return [
+        c
+        for c in Connection.objects.filter(status__in=SYNCING).select_related("active_rules")
+        if not flow.answered_already(c.pk, key)
+    ]
+
+
+def connections_for(key: str, tracker: Tracker, connections: list[Connection] | None = None) -> list[Connection]:
     """Connections on which ``key`` is (or should come) under sync.
 
     A change the sync itself just answered on a connection (``flow.answered_already``)
     does not count there, and costs no trigger query.
     """
-    connections = [
-        c
-        for c in Connection.objects.filter(status__in=SYNCING).select_related("active_rules")
-        if not flow.answered_already(c.pk, key)
-    ]
+    if connections is None:
+        connections = unanswered_connections(key)
     if not connections:
         return []
     twinned = set(
@@ -72,8 +78,11 @@ def on_entity_changed(sender, key: str, change: str, actor=None, **kwargs) -> No
     if change == "deleted":
         return
     try:
+        connections = unanswered_connections(key)
+        if not connections:
+            return  # the sync's own write, answered already: no tracker needed
         tracker = flow.local_tracker()
-        for connection in connections_for(key, tracker):
+        for connection in connections_for(key, tracker, connections):
             flow.sync_entity(connection, key, tracker=tracker)
     except (TrackerError, flow.SyncRefused) as e:
         log.warning("could not sync %s after a change: %s", key, e)
