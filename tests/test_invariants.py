@@ -558,6 +558,25 @@ def test_red_setting_a_field_back_to_a_value_it_had_from_blue_is_its_own_change(
     assert tracker().get(issue.key).summary == "Blue's words", "Red's last change was taken for Blue's own value"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug (convergence seed 45): an edit here equal to a value in the other side's backlog "
+    "becomes the merge base, and the backlog's next, older change undoes it (docs/reliability.md)",
+)
+def test_an_older_change_in_a_backlog_does_not_undo_a_newer_edit_here(red, alice):
+    red.send(red.update(summary="Shared", status="Open"))
+    work()
+    issue = Issue.objects.get(key=red.twin().local_key)
+    # Red's messages, made first but delivered late: Resolved, then In Progress.
+    backlog = [red.update(summary="Shared", status="Resolved"), red.update(summary="Shared", status="In Progress")]
+    # Later, a person here sets Resolved too, and it goes out.
+    actions.update_issue(issue, {"status": "Resolved"}, actor=alice)
+    flow.sync_entity(red.connection, issue.key)
+    red.send(*backlog)
+    work()
+    assert tracker().get(issue.key).status == "Resolved", "Red's older In Progress undid the newer edit here"
+
+
 def test_an_edit_of_the_same_field_on_both_sides_is_settled_by_the_policies_and_recorded(red, alice, bob_api):
     red.send(red.update(summary="Made on Red"))
     work()
