@@ -774,13 +774,12 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
         .order_by()
         .values_list("seq", "payload__fields")
     )
-    now = (found[seen] or {}) if seen in found else _fields_as_of(twin, seen)
-    if not twin.merge_seen:
-        before = {}
-    elif twin.merge_seen in found:
-        before = found[twin.merge_seen] or {}
-    else:
-        before = _fields_as_of(twin, twin.merge_seen)
+
+    def fields_at(seq: int) -> dict[str, Any]:
+        return (found[seq] or {}) if seq in found else _fields_as_of(twin, seq)
+
+    now = fields_at(seen)
+    before = fields_at(twin.merge_seen) if twin.merge_seen else {}
     return {name: value for name, value in now.items() if name not in before or before[name] != value}
 
 

@@ -508,10 +508,10 @@ def apply_plan(
     more = False  # comments or attachments written: the entity must be read again
     if plan.create and comment_ops and hasattr(tracker, "create_with_comments"):
         # A first sync brings the issue and its comments: one write, answered without a read.
-        bodies = [op[2] for op in comment_ops if op[0] == "add"]
-        written, added = create_entity(tracker, plan, bodies)
+        adds = [op for op in comment_ops if op[0] == "add"]
+        written, added = create_entity(tracker, plan, [op[2] for op in adds])
         key = written.key
-        for op, comment in zip([op for op in comment_ops if op[0] == "add"], added, strict=True):
+        for op, comment in zip(adds, added, strict=True):
             twin.comment_map[op[1]] = comment.id
         comment_ops = [op for op in comment_ops if op[0] != "add"]
         more = bool(comment_ops)

@@ -52,16 +52,8 @@ def unanswered_connections(key: str) -> list[Connection]:
     ]
 
 
-def connections_for(key: str, tracker: Tracker, connections: list[Connection] | None = None) -> list[Connection]:
-    """Connections on which ``key`` is (or should come) under sync.
-
-    A change the sync itself just answered on a connection (``flow.answered_already``)
-    does not count there, and costs no trigger query.
-    """
-    if connections is None:
-        connections = unanswered_connections(key)
-    if not connections:
-        return []
+def connections_for(key: str, tracker: Tracker, connections: list[Connection]) -> list[Connection]:
+    """Those of ``connections`` on which ``key`` is (or should come) under sync."""
     twinned = set(
         Twin.objects.filter(connection__in=connections, local_key=key)
         .exclude(state=Twin.State.STOPPED)
