@@ -196,8 +196,9 @@ def test_it_stops_endless_scripts_at_the_time_limit(source):
     started = time.monotonic()
     with pytest.raises(ScriptError) as caught:
         run(source, time_limit=0.5)
-    assert caught.value.kind == "timeout"
-    assert time.monotonic() - started < 1.0
+    elapsed = time.monotonic() - started
+    # A loose bound: it proves the limit stops the script, not how fast a busy machine unwinds.
+    assert (caught.value.kind, elapsed < 3) == ("timeout", True), f"{caught.value.message} after {elapsed:.2f} s"
 
 
 HUGE = [

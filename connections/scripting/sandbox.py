@@ -820,12 +820,17 @@ def run_script(
             raise ValueError(f"{key!r} can't be the name of a script global")
     log = DebugLog() if log is None else log
     scope = {**_SCOPE, "_print_": functools.partial(_Printer, log), "_tick_": _clock(time_limit), **names}
+    failure = None
     try:
         exec(script.code, scope)  # noqa: S102 -- compiled by SandboxPolicy, run with the guards above
     except StopSync:
         raise
     except (Exception, _Timeout) as error:
-        raise _runtime_error(script, error, time_limit) from error
+        failure = _runtime_error(script, error, time_limit)
+    if failure is not None:
+        # Raised outside the handler: the script's own chain, a thousand frames deep after a
+        # recursion bomb, would otherwise stay alive with the error and fill every report of it.
+        raise failure
     for key, value in names.items():
         if isinstance(value, ScriptObject):
             _check_output(script, key, value, max_output_bytes)
