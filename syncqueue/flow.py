@@ -267,14 +267,14 @@ def _envelope(connection: Connection, twin: Twin, entity: Entity) -> dict[str, A
     had applied, so that a value of its own this side held back then is not taken for a
     change of ours. ``fields`` (kept here, not sent) are our fields' values in it.
     """
-    twin.sent_fields = processors.sent_fields_of(entity, twin.sent_fields)
+    twin.sent_fields = processors.sent_fields_of(entity, twin.sent_fields, twin.out_seq)
     twin.sent_version = entity.updated
     return {
         "changed": entity.updated.isoformat() if entity.updated else None,
         "policy": connection.conflict_policy,
         "seen": twin.in_seq,
-        "dates": {name: date for name, (_, date) in twin.sent_fields.items() if date},
-        "fields": {name: value for name, (value, _) in twin.sent_fields.items()},
+        "dates": {name: record[1] for name, record in twin.sent_fields.items() if record[1]},
+        "fields": {name: record[0] for name, record in twin.sent_fields.items()},
     }
 
 
@@ -701,7 +701,7 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
             # its field values are older than ours here and must not undo them. Nor may the base
             # move: a change of theirs it is the first to carry would then look old when their
             # next message brings it again. (Comments and attachments are merged as usual.)
-            plan.fields, plan.merge_base, plan.conflicts = {}, None, []
+            plan.fields, plan.merge_base, plan.conflicts, plan.taken = {}, None, [], {}
         sender_key = replica.get("key") or twin.remote_key
         added = [op[2] for op in plan.attachments if op[0] == "add"]
         if any(not isinstance(meta.get("sha256"), str) for meta in added):
@@ -720,6 +720,8 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
         with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
             written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
         twin.local_key = written.key
+        if plan.taken:
+            twin.sent_fields = processors.record_taken(twin.sent_fields, plan.taken, written)
         if plan.merge_base is not None:
             twin.merge_base = plan.merge_base
             if event.payload.get("seen") is not None:

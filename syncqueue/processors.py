@@ -91,6 +91,8 @@ class IncomingPlan:
     # fields both sides changed, each {"field", "base", "local", "remote", "chosen", "policy"}.
     merge_base: dict[str, Any] | None = None
     conflicts: list[dict[str, Any]] = field(default_factory=list)
+    # The other side's values merge_fields took, as the twin's ``sent_fields`` records them.
+    taken: dict[str, list] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -153,31 +155,50 @@ class Settling:
         if theirs is not None and mine is None:
             return theirs, "theirs"
         ours = _when(ours_sent) if ours_sent else self.local_changed
-        theirs_date = _when(self.remote_dates.get(name)) or self.remote_changed
+        theirs_date = _when(self.remote_date(name))
         if ours is not None and theirs_date is not None and ours != theirs_date:
             return theirs_date > ours, "newest"
         return not self.initiator, "initiator"
 
+    def remote_date(self, name: str) -> str | None:
+        """The date the other side gives its value of ``name``, as the message says it."""
+        given = self.remote_dates.get(name)
+        if _when(given) is not None:
+            return given
+        return self.remote_changed.isoformat() if self.remote_changed else None
 
-def sent_fields_of(entity: Entity, before: Mapping[str, Any] | None) -> dict[str, list]:
-    """The twin's record of each field's value as last sent, and when that value was first sent.
 
-    A value already sent keeps its date; a new one is dated by the entity's ``updated``,
-    which is the ``changed`` of the message now carrying it.
+def sent_fields_of(entity: Entity, before: Mapping[str, Any] | None, seq: int) -> dict[str, list]:
+    """The twin's record of each field's value as last sent: ``[value, date, seq]``.
+
+    ``date`` and ``seq`` are those of the message that first carried the value: a value
+    already sent keeps them; a new one is dated by the entity's ``updated`` (the
+    ``changed`` of message ``seq``, now carrying it). A value taken from the other side is
+    recorded as it was there: its date, and seq 0 (see ``IncomingPlan.taken``).
     """
+    values = _field_values(entity)
+    changed = entity.updated.isoformat() if entity.updated else None
+    before = before or {}
+    record = {}
+    for name, value in values.items():
+        old = before.get(name)
+        record[name] = old if old is not None and old[0] == value else [value, changed, seq]
+    return record
+
+
+def record_taken(sent_fields: Mapping[str, Any], taken: Mapping[str, list], written: Entity) -> dict[str, list]:
+    """``sent_fields`` with the values ``taken`` from the other side that ``written`` holds."""
+    values = _field_values(written)
+    return {**sent_fields, **{name: entry for name, entry in taken.items() if values.get(name) == entry[0]}}
+
+
+def _field_values(entity: Entity) -> dict[str, Any]:
     view = {name: getattr(entity, name) for name in WRITABLE}
     view["priority"] = view["priority"] or None
     view["labels"] = list(view["labels"])
     view["custom_fields"] = plain(entity.custom_fields)
     view["assignee"] = person_view(entity.assignee)
-    changed = entity.updated.isoformat() if entity.updated else None
-    before = before or {}
-    record = {}
-    for name in WRITABLE:
-        value = _local_value(view, name)
-        old = before.get(name)
-        record[name] = old if old is not None and old[0] == value else [value, changed]
-    return record
+    return {name: _local_value(view, name) for name in WRITABLE}
 
 
 class Helpers:
@@ -198,6 +219,7 @@ class Helpers:
         sent_fields: Mapping[str, Any] | None = None,
         seen_fields: Mapping[str, Any] | None = None,
         settling: Settling | None = None,
+        seen: int | None = None,
     ):
         self._entity = entity
         self._scope = scope
@@ -205,9 +227,11 @@ class Helpers:
         self._base = dict(merge_base or {})
         self._sent = dict(sent_fields or {})
         self._seen = dict(seen_fields or {})
+        self._seen_seq = seen if isinstance(seen, int) and not isinstance(seen, bool) else None
         self._settling = settling or Settling()
         self._merged = False
         self._conflicts: list[dict[str, Any]] = []
+        self._taken: dict[str, list] = {}
         self._replica = replica
         self._comment_map = dict(comment_map or {})
         self._attachment_map = dict(attachment_map or {})
@@ -330,15 +354,15 @@ class Helpers:
                 # only undo a later edit made here (an ack that crossed it, say).
                 pass
             elif name not in self._base:
-                self._issue[name] = to_script(remote)  # no base yet: take theirs, as a plain assignment would
+                self._take(name, remote)  # no base yet: take theirs, as a plain assignment would
             elif remote != self._base[name] and remote != local:
-                if local == self._base[name]:
-                    self._issue[name] = to_script(remote)
+                if local == self._base[name] and not self._crossed(name, local):
+                    self._take(name, remote)
                 else:
                     ours = sent[1] if sent is not None and sent[0] == local else None
                     take_remote, rule = self._settling.remote_wins(ours, name)
                     if take_remote:
-                        self._issue[name] = to_script(remote)
+                        self._take(name, remote)
                     self._conflicts.append(
                         {
                             "field": name,
@@ -350,6 +374,25 @@ class Helpers:
                         }
                     )
             self._base[name] = remote
+
+    def _take(self, name: str, remote: Any) -> None:
+        self._issue[name] = to_script(remote)
+        self._taken[name] = [remote, self._settling.remote_date(name), 0]
+
+    def _crossed(self, name: str, local: Any) -> bool:
+        """Whether the other side's change of ``name`` was made before our value ``local``, unseen.
+
+        The base can equal our value without the other side having seen it: a value of ours
+        it happened to hold too (made there, in its own older message). Its next change is
+        then no later than ours but crossed it, a conflict for ``Settling`` as on that side.
+        """
+        sent = self._sent.get(name)
+        if sent is None or sent[0] != local or len(sent) < 3 or not sent[2]:
+            return False  # not a value we sent, or one of theirs (seq 0)
+        if self._seen_seq is not None and self._seen_seq >= sent[2]:
+            return False  # it had applied the message carrying ours: a later change of theirs
+        ours, theirs = _when(sent[1]), _when(self._settling.remote_date(name))
+        return ours is not None and theirs is not None and theirs < ours
 
     def find_user(self, person) -> str | None:
         """The local user id matching a remote person (by email, then id), or None."""
@@ -440,6 +483,7 @@ def plan_incoming(
         sent_fields=twin.sent_fields if twin else None,
         seen_fields=seen_fields,
         settling=Settling.of(connection, envelope, entity),
+        seen=(envelope or {}).get("seen"),
     )
     helpers._issue = issue
     printed = run_script(
@@ -473,6 +517,7 @@ def plan_incoming(
         debug=printed,
         merge_base=helpers._base if helpers._merged else None,
         conflicts=helpers._conflicts,
+        taken=helpers._taken,
     )
 
 

@@ -558,11 +558,6 @@ def test_red_setting_a_field_back_to_a_value_it_had_from_blue_is_its_own_change(
     assert tracker().get(issue.key).summary == "Blue's words", "Red's last change was taken for Blue's own value"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (convergence seed 45): an edit here equal to a value in the other side's backlog "
-    "becomes the merge base, and the backlog's next, older change undoes it (docs/reliability.md)",
-)
 def test_an_older_change_in_a_backlog_does_not_undo_a_newer_edit_here(red, alice):
     red.send(red.update(summary="Shared", status="Open"))
     work()

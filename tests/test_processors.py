@@ -276,6 +276,47 @@ def test_merge_does_not_take_back_what_this_side_sent_last(red, alice):
     assert planned.merge_base["summary"] == "Sent first"
 
 
+def test_merge_settles_a_change_that_crossed_ours_though_the_base_equals_ours(red, alice):
+    """Red's older message held our value too, and moved the base to it: Red's next change,
+    made before ours reached it, is a conflict (newest wins: ours), not a change to take."""
+    issue = blue_issue(alice, summary="Blue's")
+    twin = merged_twin(red, issue, summary="Blue's")
+    twin.sent_fields = {"summary": ["Blue's", "2500-01-01T00:00:00+00:00", 3]}
+    envelope = {"policy": "newest", "changed": EARLIER, "seen": 2}
+    planned = plan(red, replica(summary="Red's"), issue.key, twin, envelope=envelope)
+    assert (planned.fields.get("summary"), [c["chosen"] for c in planned.conflicts]) == (None, ["local"])
+
+
+@pytest.mark.parametrize(
+    ("sent", "envelope"),
+    [
+        # It had applied the message carrying ours: a later change of its own, whatever the clocks say.
+        (["Blue's", LATER, 3], {"changed": EARLIER, "seen": 3}),
+        # Dated after ours.
+        (["Blue's", EARLIER, 3], {"changed": LATER, "seen": 2}),
+        # Ours is a value taken from Red (seq 0): Red's next change is always later.
+        (["Blue's", LATER, 0], {"changed": EARLIER, "seen": 2}),
+        # Recorded before values carried their message's seq.
+        (["Blue's", LATER], {"changed": EARLIER}),
+    ],
+)
+def test_merge_takes_a_change_made_after_ours_where_the_base_equals_ours(red, alice, sent, envelope):
+    issue = blue_issue(alice, summary="Blue's")
+    twin = merged_twin(red, issue, summary="Blue's")
+    twin.sent_fields = {"summary": sent}
+    planned = plan(red, replica(summary="Red's"), issue.key, twin, envelope={"policy": "newest", **envelope})
+    assert (planned.fields.get("summary"), planned.conflicts) == ("Red's", [])
+
+
+def test_merge_records_a_value_it_takes_as_the_other_sides(red, alice):
+    """Dated as Red dates it, and seq 0: Blue never sent it, so Red cannot have missed it."""
+    issue = blue_issue(alice, summary="Base")
+    envelope = {"policy": "newest", "changed": LATER, "dates": {"summary": EARLIER}}
+    planned = plan(red, replica(summary="Red's"), issue.key, merged_twin(red, issue), envelope=envelope)
+    assert planned.taken["summary"] == ["Red's", EARLIER, 0]
+    assert planned.taken["status"][1:] == [LATER, 0], "no base yet, no date of its own: the message's"
+
+
 def test_merge_takes_everything_where_there_is_no_base_yet(red, alice):
     issue = blue_issue(alice, summary="Blue's", priority="High")
     planned = plan(red, replica(summary="Red's", priority="Low"), issue.key, twin_of(red, issue.key))
