@@ -19,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "live-node-password-1"
@@ -83,6 +85,10 @@ class LiveNode:
         self.env.pop("REDIS_URL", None)
         self.process: subprocess.Popen | None = None
         self.session = requests.Session()
+        # gunicorn closes a keep-alive connection idle for 2 s; a request sent on it just then
+        # is reset. Idempotent requests (urllib3's default list, not POST) are tried again.
+        retry = Retry(total=2, connect=2, read=2, status=0, backoff_factor=0.1)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.token = ""
 
     # --- lifecycle -------------------------------------------------------------------------
