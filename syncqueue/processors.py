@@ -129,11 +129,13 @@ class Settling:
     # When the entity here last changed: the date of a local change not sent yet.
     local_changed: datetime | None = None
     initiator: bool = True
+    # How many of our messages the other side had applied when it wrote this one (``seen``).
+    remote_seen: int | None = None
 
     @classmethod
     def of(cls, connection: Connection, envelope: Mapping[str, Any] | None, entity: Entity | None) -> Settling:
         envelope = envelope or {}
-        remote_policy = envelope.get("policy")
+        remote_policy, seen = envelope.get("policy"), envelope.get("seen")
         return cls(
             policy=connection.conflict_policy,
             remote_policy=remote_policy if remote_policy in Connection.ConflictPolicy.values else None,
@@ -141,6 +143,7 @@ class Settling:
             remote_dates=envelope.get("dates") if isinstance(envelope.get("dates"), Mapping) else {},
             local_changed=entity.updated if entity is not None else None,
             initiator=connection.is_initiator,
+            remote_seen=seen if isinstance(seen, int) and not isinstance(seen, bool) else None,
         )
 
     def remote_wins(self, ours_sent: str | None, name: str = "") -> tuple[bool, str]:
@@ -219,7 +222,6 @@ class Helpers:
         sent_fields: Mapping[str, Any] | None = None,
         seen_fields: Mapping[str, Any] | None = None,
         settling: Settling | None = None,
-        seen: int | None = None,
     ):
         self._entity = entity
         self._scope = scope
@@ -227,7 +229,6 @@ class Helpers:
         self._base = dict(merge_base or {})
         self._sent = dict(sent_fields or {})
         self._seen = dict(seen_fields or {})
-        self._seen_seq = seen if isinstance(seen, int) and not isinstance(seen, bool) else None
         self._settling = settling or Settling()
         self._merged = False
         self._conflicts: list[dict[str, Any]] = []
@@ -389,7 +390,8 @@ class Helpers:
         sent = self._sent.get(name)
         if sent is None or sent[0] != local or len(sent) < 3 or not sent[2]:
             return False  # not a value we sent, or one of theirs (seq 0)
-        if self._seen_seq is not None and self._seen_seq >= sent[2]:
+        seen = self._settling.remote_seen
+        if seen is not None and seen >= sent[2]:
             return False  # it had applied the message carrying ours: a later change of theirs
         ours, theirs = _when(sent[1]), _when(self._settling.remote_date(name))
         return ours is not None and theirs is not None and theirs < ours
@@ -483,7 +485,6 @@ def plan_incoming(
         sent_fields=twin.sent_fields if twin else None,
         seen_fields=seen_fields,
         settling=Settling.of(connection, envelope, entity),
-        seen=(envelope or {}).get("seen"),
     )
     helpers._issue = issue
     printed = run_script(

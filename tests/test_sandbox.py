@@ -64,10 +64,14 @@ def make_helpers(**extra):
     return types.SimpleNamespace(map_value=map_value, stop_sync=stop_sync, **extra)
 
 
-def run(source, *, time_limit=0.5, **names):
-    # Garbage earlier tests left would be collected inside a recursion bomb, where its
-    # finalizers fail for want of stack; in the full suite that failure reached pytest.
+@pytest.fixture
+def collected():
+    """Garbage earlier tests left would be collected inside a recursion bomb, where its
+    finalizers fail for want of stack; in the full suite that failure reached pytest."""
     gc.collect()
+
+
+def run(source, *, time_limit=0.5, **names):
     names = {"issue": make_issue(), "replica": ScriptObject(), "helpers": make_helpers()} | names
     return run_script(compile_script(source, "incoming"), names, time_limit=time_limit)
 
@@ -196,7 +200,7 @@ ENDLESS = [
 
 
 @pytest.mark.parametrize("source", ENDLESS)
-def test_it_stops_endless_scripts_at_the_time_limit(source):
+def test_it_stops_endless_scripts_at_the_time_limit(source, collected):
     started = time.monotonic()
     with pytest.raises(ScriptError) as caught:
         run(source, time_limit=0.5)
@@ -243,7 +247,7 @@ def test_it_refuses_huge_results_before_building_them(source):
     assert time.monotonic() - started < 0.5
 
 
-def test_it_stops_a_recursion_bomb():
+def test_it_stops_a_recursion_bomb(collected):
     with pytest.raises(ScriptError) as caught:
         run("def dive(depth):\n    return dive(depth + 1)\ndive(0)")
     assert (caught.value.kind, caught.value.line) == ("limit", 2)
@@ -255,7 +259,7 @@ BAD_SCRIPTS = [*ESCAPES, *ENDLESS, *HUGE, "def dive():\n    return dive()\ndive(
 
 
 @pytest.mark.parametrize("source", BAD_SCRIPTS)
-def test_it_leaves_the_interpreter_healthy_after_a_bad_script(source):
+def test_it_leaves_the_interpreter_healthy_after_a_bad_script(source, collected):
     recursion_limit = sys.getrecursionlimit()
     with pytest.raises(ScriptError):
         run(source, time_limit=0.3)
