@@ -622,7 +622,7 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> bool:
         raise transport.RemoteError("the attachments to fetch kept changing; will try again")
     finally:
         downloads.close()
-        _answered.keys = set()
+        forget_answered()
 
 
 # (connection id, local key) of updates just applied whose ack is queued, until their
@@ -636,13 +636,53 @@ def answered_already(connection_id: int, key: str) -> bool:
     return (connection_id, key) in getattr(_answered, "keys", ())
 
 
-def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
+class FetchFirst(Exception):
+    """An event of a batch needs attachment bytes fetched first, outside the batch's transaction."""
+
+
+def lock_twins(events: list[SyncEvent]) -> dict[int, Twin]:
+    """The twins of ``events``, locked in id order, as every batch locks them: no two batches
+    wait on each other, and none holds the tracker's own locks (a project's numbering) while it
+    waits for a twin."""
+    twins = (
+        Twin.objects.select_for_update(of=("self",))
+        .select_related("connection__active_rules")
+        .filter(pk__in={e.twin_id for e in events})
+        .order_by("id")
+    )
+    return {twin.pk: twin for twin in twins}
+
+
+def apply_locked(event: SyncEvent, tracker: Tracker, twins: dict[int, Twin]) -> bool:
+    """``apply_incoming`` for one event of a batch applied in one transaction (``lock_twins``).
+
+    Only for a tracker that shares our database: its writes are undone with the event's
+    savepoint. On any error the twin is dropped from ``twins``, to be read again as it now
+    is. An event that needs attachment bytes raises FetchFirst and changes nothing.
+    """
+    twin = twins.get(event.twin_id)
+    try:
+        return _apply(event, tracker, _Downloads(), twin)
+    except _FetchFirst:
+        raise FetchFirst(str(event.pk)) from None
+    except BaseException:
+        twins.pop(event.twin_id, None)
+        raise
+
+
+def forget_answered() -> None:
+    """After a batch's commit: its writes have been announced (see ``answered_already``)."""
+    _answered.keys = set()
+
+
+def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads, twin: Twin | None = None) -> bool:
     with transaction.atomic():
-        twin = (
-            Twin.objects.select_for_update(of=("self",))
-            .select_related("connection__active_rules")
-            .get(pk=event.twin_id)
-        )
+        if twin is None:
+            twin = (
+                Twin.objects.select_for_update(of=("self",))
+                .select_related("connection__active_rules")
+                .get(pk=event.twin_id)
+            )
         connection = twin.connection
         if event.seq <= twin.in_seq:
             _finish(event)  # applied before (a redelivery): the effect must happen once
@@ -719,30 +759,102 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads) -> bool:
         # skip the savepoints of its own writes.
         with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
             written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
-        twin.local_key = written.key
-        if plan.taken:
-            twin.sent_fields = processors.record_taken(twin.sent_fields, plan.taken, written)
-        if plan.merge_base is not None:
-            twin.merge_base = plan.merge_base
-            if event.payload.get("seen") is not None:
-                twin.merge_seen = event.payload["seen"]
-        Conflict.objects.bulk_create(Conflict(twin=twin, event=event, **found) for found in plan.conflicts)
-        twin.last_received = replica
-        twin.last_received_hash = replica_hash(replica)
-        twin.in_seq = event.seq
-        twin.last_synced = timezone.now()
-        if event.kind == Kind.ACK:
-            _mark_acknowledged(connection, event)
-        if event.kind == Kind.UPDATE:
-            # The acknowledgement: what this side now holds, made by our own outgoing rules.
-            ack, _ = processors.run_outgoing(connection, rules, written, twin)
-            _queue(twin, Kind.ACK, ack, acks=str(event.message_id), entity=written)
-            if getattr(tracker, "shares_database", False):
-                _answered.keys = {*getattr(_answered, "keys", ()), (connection.pk, written.key)}
-        else:
-            twin.save()
-        _finish(event, rules)
+        _applied(event, twin, plan, written, tracker)
         return True
+
+
+def _applied(event: SyncEvent, twin: Twin, plan: processors.IncomingPlan, written: Entity, tracker: Tracker) -> None:
+    """What follows a plan carried out: the twin's record, conflicts, the ack of an update, the event done."""
+    connection, rules = twin.connection, twin.connection.active_rules
+    replica = event.payload.get("replica") or {}
+    twin.local_key = written.key
+    if plan.taken:
+        twin.sent_fields = processors.record_taken(twin.sent_fields, plan.taken, written)
+    if plan.merge_base is not None:
+        twin.merge_base = plan.merge_base
+        if event.payload.get("seen") is not None:
+            twin.merge_seen = event.payload["seen"]
+    Conflict.objects.bulk_create(Conflict(twin=twin, event=event, **found) for found in plan.conflicts)
+    twin.last_received = replica
+    twin.last_received_hash = replica_hash(replica)
+    twin.in_seq = event.seq
+    twin.last_synced = timezone.now()
+    if event.kind == Kind.ACK:
+        _mark_acknowledged(connection, event)
+    if event.kind == Kind.UPDATE:
+        # The acknowledgement: what this side now holds, made by our own outgoing rules.
+        ack, _ = processors.run_outgoing(connection, rules, written, twin)
+        _queue(twin, Kind.ACK, ack, acks=str(event.message_id), entity=written)
+        if getattr(tracker, "shares_database", False):
+            _answered.keys = {*getattr(_answered, "keys", ()), (connection.pk, written.key)}
+    else:
+        twin.save()
+    _finish(event, rules)
+
+
+def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Twin]) -> set[int]:
+    """The first syncs among ``events`` (a batch; ``twins`` locked), created together; the pks of those done.
+
+    A first sync that brings fields and comments only (no attachment to fetch) is planned
+    as ``_apply`` plans it, and all of them are then written by one ``create_many`` of the
+    tracker; the rest is as in ``_apply``. Should anything fail (the rules, a value the
+    tracker refuses), none of them is kept, and the caller applies them one by one, where
+    each failure is recorded on its own event.
+    """
+    if not hasattr(tracker, "create_many"):
+        return set()
+    planned, taken = [], set()
+    for event in events:
+        twin = twins.get(event.twin_id)
+        if twin is None or twin.pk in taken or not _plain_first_sync(event, twin):
+            continue
+        try:
+            plan = processors.plan_incoming(
+                twin.connection,
+                twin.connection.active_rules,
+                event.payload.get("replica") or {},
+                twin.last_received,
+                None,
+                twin,
+                find_user=find_user_for(tracker),
+                envelope=event.payload,
+                seen_fields=_newly_seen(twin, event),
+            )
+        except (StopSync, ScriptError):
+            continue
+        if plan.create and plan.project and not plan.attachments and all(op[0] == "add" for op in plan.comments):
+            planned.append((event, twin, plan))
+            taken.add(twin.pk)
+    if len(planned) < 2:
+        return set()
+    items = [
+        (plan.project, processors.creation_fields(plan), [op[2] for op in plan.comments]) for _, _, plan in planned
+    ]
+    try:
+        with transaction.atomic():
+            with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
+                created = tracker.create_many(items)
+            for (event, twin, plan), (written, comments) in zip(planned, created, strict=True):
+                for op, comment in zip(plan.comments, comments, strict=True):
+                    twin.comment_map[op[1]] = comment.id
+                _applied(event, twin, plan, written, tracker)
+    except Exception:
+        for _, twin, _ in planned:
+            twins.pop(twin.pk, None)  # changed in memory by the part rolled back: read again
+        return set()
+    return {event.pk for event, _, _ in planned}
+
+
+def _plain_first_sync(event: SyncEvent, twin: Twin) -> bool:
+    """An update that is next in sequence and creates the entity here, on a twin neither stopped nor restarted."""
+    return (
+        event.kind == Kind.UPDATE
+        and event.seq == twin.in_seq + 1
+        and not twin.local_key
+        and twin.state == Twin.State.OK
+        and not event.payload.get("restart")
+        and event.payload.get("seen") in (None, 0)
+    )
 
 
 def _fields_as_of(twin: Twin, seq: int) -> dict[str, Any]:

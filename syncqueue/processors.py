@@ -522,6 +522,11 @@ def plan_incoming(
     )
 
 
+def creation_fields(plan: IncomingPlan) -> dict[str, Any]:
+    """The fields a first-sync creation writes: those set, and assignee or priority also when emptied."""
+    return {k: v for k, v in plan.fields.items() if v is not None or k in ("assignee", "priority")}
+
+
 def create_entity(tracker: Tracker, plan: IncomingPlan, comments: list[str] | None = None):
     """The first-sync creation a plan asks for.
 
@@ -530,7 +535,7 @@ def create_entity(tracker: Tracker, plan: IncomingPlan, comments: list[str] | No
     """
     if not plan.project:
         raise TrackerError("the incoming rules did not set issue.project for a first sync", permanent=True)
-    fields = {k: v for k, v in plan.fields.items() if v is not None or k in ("assignee", "priority")}
+    fields = creation_fields(plan)
     if comments is not None:
         return tracker.create_with_comments(plan.project, fields, comments)
     return tracker.create(plan.project, fields)

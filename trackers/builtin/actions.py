@@ -266,39 +266,96 @@ def default_status() -> Status:
 @atomic
 def create_issue(project: Project | str, fields: Mapping[str, Any], actor=None) -> Issue:
     """A new issue in ``project``. ``fields`` as ISSUE_FIELDS; the reporter defaults to ``actor``."""
-    _check_fields(fields)
-    project = resolve_project(project)
-    if "status" in fields and fields["status"] not in (None, ""):
-        status = resolve_status(fields["status"])
-    else:
-        status = default_status()
-    if "priority" in fields:
-        priority = resolve_priority(fields["priority"])
-    else:
-        priority = Priority.objects.filter(is_default=True).first()
-    issue = Issue(
-        project=project,
-        summary=_clean_text("summary", fields.get("summary"), required=True, max_length=255),
-        description=_clean_text("description", fields.get("description"), required=False, max_length=MAX_DESCRIPTION),
-        type=_clean_text("type", fields.get("type", "Task"), required=True, max_length=40),
-        status=status,
-        priority=priority,
-        assignee=resolve_user("assignee", fields.get("assignee")),
-        reporter=resolve_user("reporter", fields["reporter"]) if "reporter" in fields else actor,
-        custom_fields=clean_custom_fields({}, fields.get("custom_fields") or {}),
-        updated_by=actor,
+    return create_issues([(project, fields, ())], actor=actor)[0][0]
+
+
+@atomic
+def create_issues(
+    items: Iterable[tuple[Project | str, Mapping[str, Any], Iterable[Any]]], actor=None
+) -> list[tuple[Issue, list[Comment]]]:
+    """New issues, each with its first comments: ``(project, fields, comment bodies)`` each.
+
+    Written together, in a few queries whatever their number (the sync creating what a
+    batch of first-sync messages brings), numbered in the order given. One invalid value
+    refuses them all.
+    """
+    resolved = _Resolved()
+    new = []
+    for project, fields, bodies in items:
+        _check_fields(fields)
+        issue = Issue(
+            project=resolved.once("project", project, resolve_project),
+            summary=_clean_text("summary", fields.get("summary"), required=True, max_length=255),
+            description=_clean_text(
+                "description", fields.get("description"), required=False, max_length=MAX_DESCRIPTION
+            ),
+            type=_clean_text("type", fields.get("type", "Task"), required=True, max_length=40),
+            status=(
+                resolved.once("status", fields["status"], resolve_status)
+                if fields.get("status") not in (None, "")
+                else resolved.once("status", None, lambda _: default_status())
+            ),
+            priority=(
+                resolved.once("priority", fields["priority"], resolve_priority)
+                if "priority" in fields
+                else resolved.once("priority", None, lambda _: Priority.objects.filter(is_default=True).first())
+            ),
+            assignee=resolved.once("user", fields.get("assignee"), lambda name: resolve_user("assignee", name)),
+            reporter=(
+                resolved.once("user", fields["reporter"], lambda name: resolve_user("reporter", name))
+                if "reporter" in fields
+                else actor
+            ),
+            custom_fields=clean_custom_fields({}, fields.get("custom_fields") or {}),
+            updated_by=actor,
+        )
+        labels = clean_labels(fields.get("labels") or [])
+        texts = [_clean_text("body", body, required=True, max_length=MAX_COMMENT) for body in bodies]
+        new.append((issue, labels, texts))
+    if not new:
+        return []
+    in_project: dict[int, list[Issue]] = {}
+    for issue, _, _ in new:
+        in_project.setdefault(issue.project.pk, []).append(issue)
+    for project_id, issues in in_project.items():
+        # The update locks the project's row until commit, so concurrent creates never repeat a number.
+        Project.objects.filter(pk=project_id).update(next_number=F("next_number") + len(issues))
+        after = Project.objects.values_list("next_number", flat=True).get(pk=project_id)
+        for number, issue in enumerate(issues, start=after - len(issues)):
+            issue.number = number
+            issue.key = f"{issue.project.key}-{number}"
+    now = timezone.now()
+    for issue, _, _ in new:
+        issue.created = issue.updated = now
+    Issue.objects.bulk_create([issue for issue, _, _ in new])
+    Label.objects.bulk_create([Label(issue=issue, name=name) for issue, labels, _ in new for name in labels])
+    comments = Comment.objects.bulk_create(
+        [
+            Comment(issue=issue, author=actor, body=text, created=now, updated=now)
+            for issue, _, texts in new
+            for text in texts
+        ]
     )
-    labels = clean_labels(fields.get("labels") or [])
-    # The row lock serialises concurrent creates in one project, so numbers never repeat.
-    Project.objects.filter(pk=project.pk).update(next_number=F("next_number") + 1)
-    number = Project.objects.select_for_update().values_list("next_number", flat=True).get(pk=project.pk) - 1
-    issue.number = number
-    issue.key = f"{project.key}-{number}"
-    issue.created = issue.updated = timezone.now()
-    issue.save()
-    Label.objects.bulk_create([Label(issue=issue, name=name) for name in labels])
-    _notify(issue.key, "created", actor)
-    return issue
+    answer, position = [], 0
+    for issue, _, texts in new:
+        answer.append((issue, comments[position : position + len(texts)]))
+        position += len(texts)
+        _notify(issue.key, "created", actor)
+    return answer
+
+
+class _Resolved:
+    """Values resolved once per call: the issues of one batch share their project, status, users."""
+
+    def __init__(self):
+        self._found: dict[tuple[str, Any], Any] = {}
+
+    def once(self, kind: str, value: Any, resolve):
+        if not (value is None or isinstance(value, str)):
+            return resolve(value)  # an object, or a wrong type that resolving refuses
+        if (kind, value) not in self._found:
+            self._found[kind, value] = resolve(value)
+        return self._found[kind, value]
 
 
 @atomic

@@ -359,22 +359,29 @@ class BuiltinTracker:
     def create_with_comments(
         self, project: str, fields: Mapping[str, Any], bodies: list[str]
     ) -> tuple[Entity, list[Comment]]:
-        """``create`` and ``add_comments`` in one write (a first sync brings both).
+        """``create`` and ``add_comments`` in one write (a first sync brings both)."""
+        return self.create_many([(project, fields, bodies)])[0]
 
-        The answer is made from what was written, not read again: a new issue has no
-        attachments, and only the comments given.
+    @_translated
+    def create_many(self, items: list[tuple[str, Mapping[str, Any], list[str]]]) -> list[tuple[Entity, list[Comment]]]:
+        """``create_with_comments`` for each ``(project, fields, comment bodies)``, in one write.
+
+        The answers are made from what was written, not read again: a new issue has no
+        attachments, and only the comments given. One invalid item refuses them all.
         """
         actor = self._actor()
         with actions.atomic_block():
-            issue = actions.create_issue(project, fields, actor=actor)
-            added = actions.add_comments(issue, bodies, actor=actor)
-        entity = to_entity(
-            issue,
-            labels=None if fields.get("labels") else (),
-            comments=[to_comment(c) for c in added],
-            attachments=(),
-        )
-        return entity, list(entity.comments)
+            created = actions.create_issues(items, actor=actor)
+        answers = []
+        for (_, fields, _), (issue, added) in zip(items, created, strict=True):
+            entity = to_entity(
+                issue,
+                labels=actions.clean_labels(fields.get("labels") or []),  # as written, sorted as read
+                comments=[to_comment(c) for c in added],
+                attachments=(),
+            )
+            answers.append((entity, list(entity.comments)))
+        return answers
 
     @_translated
     def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
