@@ -12,6 +12,7 @@ import logging
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -49,10 +50,12 @@ def local_tracker() -> Tracker:
 
 
 def kick() -> None:
-    """Ask the workers to look at the queue once the current transaction has committed."""
+    """Ask the workers to look at the queue once the current transaction has committed (once per transaction)."""
     from syncqueue import tasks
 
-    transaction.on_commit(tasks.kick, robust=True)
+    pending = transaction.get_connection().run_on_commit
+    if not any(entry[1] is tasks.kick for entry in pending):
+        transaction.on_commit(tasks.kick, robust=True)
 
 
 class SyncRefused(Exception):
@@ -300,7 +303,7 @@ def _queue(
     if restart:
         # Tells the other side that this twin was stopped and someone chose to sync it again.
         payload["restart"] = True
-    event = SyncEvent.objects.create(
+    event = SyncEvent(
         connection=twin.connection,
         twin=twin,
         direction=Direction.OUTGOING,
@@ -309,6 +312,11 @@ def _queue(
         payload=payload,
         rules_version=twin.connection.active_rules,
     )
+    staged = _staged()
+    if staged is not None:
+        staged.queued.append(event)
+    else:
+        event.save()
     kick()
     return event
 
@@ -636,6 +644,65 @@ def answered_already(connection_id: int, key: str) -> bool:
     return (connection_id, key) in getattr(_answered, "keys", ())
 
 
+class Batch:
+    """The writes that end each event of a batch, made together at its end (``write``).
+
+    While an event is applied (``staging``), its finish, the acks it applies and the
+    messages it queues are kept aside, and join the batch only if the event succeeds: a
+    failed event's savepoint rollback must take them too.
+    """
+
+    def __init__(self):
+        self.finished: list[tuple[int, int | None]] = []  # (event pk, rules version pk)
+        self.acknowledged: list[tuple[int, str]] = []  # (connection pk, message id of our update)
+        self.queued: list[SyncEvent] = []
+
+    @contextlib.contextmanager
+    def staging(self):
+        event = Batch()
+        _staging.current = event
+        try:
+            yield
+        finally:
+            _staging.current = None
+        self.finished += event.finished
+        self.acknowledged += event.acknowledged
+        self.queued += event.queued
+
+    def write(self) -> None:
+        """Within the batch's transaction, before it commits."""
+        now = timezone.now()
+        SyncEvent.objects.bulk_create(self.queued, batch_size=500)
+        by_connection: dict[int, list[str]] = {}
+        for connection_id, message_id in self.acknowledged:
+            by_connection.setdefault(connection_id, []).append(message_id)
+        for connection_id, message_ids in by_connection.items():
+            SyncEvent.objects.filter(
+                connection_id=connection_id, direction=Direction.OUTGOING, message_id__in=message_ids
+            ).exclude(status=Status.DONE).update(status=Status.DONE, finished=now, error="")
+        by_rules: dict[int | None, list[int]] = {}
+        for pk, rules_id in self.finished:
+            by_rules.setdefault(rules_id, []).append(pk)
+        for rules_id, pks in by_rules.items():
+            SyncEvent.objects.filter(pk__in=pks).update(
+                status=Status.DONE,
+                finished=now,
+                error="",
+                error_line=None,
+                lease_owner="",
+                lease_expires=None,
+                rules_version_id=rules_id,
+            )
+        self.finished, self.acknowledged, self.queued = [], [], []
+
+
+_staging = threading.local()
+
+
+def _staged() -> Batch | None:
+    return getattr(_staging, "current", None)
+
+
 class FetchFirst(Exception):
     """An event of a batch needs attachment bytes fetched first, outside the batch's transaction."""
 
@@ -653,16 +720,18 @@ def lock_twins(events: list[SyncEvent]) -> dict[int, Twin]:
     return {twin.pk: twin for twin in twins}
 
 
-def apply_locked(event: SyncEvent, tracker: Tracker, twins: dict[int, Twin]) -> bool:
+def apply_locked(event: SyncEvent, tracker: Tracker, twins: dict[int, Twin], batch: Batch) -> bool:
     """``apply_incoming`` for one event of a batch applied in one transaction (``lock_twins``).
 
     Only for a tracker that shares our database: its writes are undone with the event's
     savepoint. On any error the twin is dropped from ``twins``, to be read again as it now
-    is. An event that needs attachment bytes raises FetchFirst and changes nothing.
+    is. An event that needs attachment bytes raises FetchFirst and changes nothing. The
+    writes that end it join ``batch``, for the caller to ``write`` before the commit.
     """
     twin = twins.get(event.twin_id)
     try:
-        return _apply(event, tracker, _Downloads(), twin)
+        with batch.staging():
+            return _apply(event, tracker, _Downloads(), twin)
     except _FetchFirst:
         raise FetchFirst(str(event.pk)) from None
     except BaseException:
@@ -673,6 +742,21 @@ def apply_locked(event: SyncEvent, tracker: Tracker, twins: dict[int, Twin]) -> 
 def forget_answered() -> None:
     """After a batch's commit: its writes have been announced (see ``answered_already``)."""
     _answered.keys = set()
+    _answered.memo = {}
+
+
+def remembered(name: str, read: Callable[[], Any]) -> Any:
+    """``read()``, read once while the writes of an apply are announced (until ``forget_answered``).
+
+    A batch's commit announces each issue it wrote; what every announcement asks for (the
+    syncing connections) need not be read for each.
+    """
+    if not getattr(_answered, "keys", None):
+        return read()
+    memo = _answered.__dict__.setdefault("memo", {})
+    if name not in memo:
+        memo[name] = read()
+    return memo[name]
 
 
 def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads, twin: Twin | None = None) -> bool:
@@ -792,7 +876,7 @@ def _applied(event: SyncEvent, twin: Twin, plan: processors.IncomingPlan, writte
     _finish(event, rules)
 
 
-def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Twin]) -> set[int]:
+def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Twin], batch: Batch) -> set[int]:
     """The first syncs among ``events`` (a batch; ``twins`` locked), created together; the pks of those done.
 
     A first sync that brings fields and comments only (no attachment to fetch) is planned
@@ -831,7 +915,7 @@ def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Tw
         (plan.project, processors.creation_fields(plan), [op[2] for op in plan.comments]) for _, _, plan in planned
     ]
     try:
-        with transaction.atomic():
+        with transaction.atomic(), batch.staging():
             with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
                 created = tracker.create_many(items)
             for (event, twin, plan), (written, comments) in zip(planned, created, strict=True):
@@ -916,6 +1000,11 @@ def _answers_an_older_update(twin: Twin, ack: SyncEvent) -> bool:
 
 
 def _mark_acknowledged(connection: Connection, ack: SyncEvent) -> None:
+    staged = _staged()
+    if staged is not None:
+        if ack.payload.get("acks"):
+            staged.acknowledged.append((connection.pk, ack.payload["acks"]))
+        return
     if ack.payload.get("acks"):
         SyncEvent.objects.filter(
             connection=connection, direction=Direction.OUTGOING, message_id=ack.payload["acks"]
@@ -958,6 +1047,10 @@ def _create_first(event: SyncEvent, tracker: Tracker) -> None:
 
 
 def _finish(event: SyncEvent, rules=None) -> None:
+    staged = _staged()
+    if staged is not None:
+        staged.finished.append((event.pk, rules.pk if rules else event.rules_version_id))
+        return
     SyncEvent.objects.filter(pk=event.pk).update(
         status=Status.DONE,
         finished=timezone.now(),

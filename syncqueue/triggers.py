@@ -45,11 +45,11 @@ def _matches(trigger: Trigger, key: str, tracker: Tracker) -> bool:
 
 def unanswered_connections(key: str) -> list[Connection]:
     """Syncing connections, less those on which the sync itself just answered a change of ``key``."""
-    return [
-        c
-        for c in Connection.objects.filter(status__in=SYNCING).select_related("active_rules")
-        if not flow.answered_already(c.pk, key)
-    ]
+    syncing = flow.remembered(
+        "syncing connections",
+        lambda: list(Connection.objects.filter(status__in=SYNCING).select_related("active_rules")),
+    )
+    return [c for c in syncing if not flow.answered_already(c.pk, key)]
 
 
 def connections_for(key: str, tracker: Tracker, connections: list[Connection]) -> list[Connection]:

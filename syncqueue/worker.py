@@ -142,14 +142,14 @@ def _apply_batch(events: list[SyncEvent], tracker) -> int:
     outage, applied = None, False
     try:
         with transaction.atomic():
-            twins = flow.lock_twins(events)
-            created = flow.apply_creates(events, tracker, twins)
+            twins, batch = flow.lock_twins(events), flow.Batch()
+            created = flow.apply_creates(events, tracker, twins, batch)
             applied = bool(created)
             for position, event in enumerate(events):
                 if event.pk in created:
                     continue
                 try:
-                    finished = flow.apply_locked(event, tracker, twins)
+                    finished = flow.apply_locked(event, tracker, twins, batch)
                 except TrackerUnavailable as e:
                     outage, rest = e, events[position:]
                     break
@@ -162,6 +162,7 @@ def _apply_batch(events: list[SyncEvent], tracker) -> int:
                     applied = True
                     if not finished:
                         _release(event)
+            batch.write()
     except DatabaseError:
         log.warning("applying a batch of %s events failed as a whole; applying them one by one", len(events))
         return _apply_each(events, tracker)
