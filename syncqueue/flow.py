@@ -720,18 +720,35 @@ def lock_twins(events: list[SyncEvent]) -> dict[int, Twin]:
     return {twin.pk: twin for twin in twins}
 
 
-def apply_locked(event: SyncEvent, tracker: Tracker, twins: dict[int, Twin], batch: Batch) -> bool:
+def read_ahead(tracker: Tracker, twins: dict[int, Twin]) -> dict[str, Entity]:
+    """The entities of ``twins`` (a batch's, locked) read at once, for ``apply_locked`` to take.
+
+    An entity that two of them share (synced on two connections) is left out: the first
+    apply changes what the second must read.
+    """
+    if not hasattr(tracker, "get_many"):
+        return {}
+    keys = [twin.local_key for twin in twins.values() if twin.local_key]
+    once = [key for key in keys if keys.count(key) == 1] if len(set(keys)) < len(keys) else keys
+    return tracker.get_many(once) if once else {}
+
+
+def apply_locked(
+    event: SyncEvent, tracker: Tracker, twins: dict[int, Twin], batch: Batch, read: dict[str, Entity] | None = None
+) -> bool:
     """``apply_incoming`` for one event of a batch applied in one transaction (``lock_twins``).
 
     Only for a tracker that shares our database: its writes are undone with the event's
     savepoint. On any error the twin is dropped from ``twins``, to be read again as it now
     is. An event that needs attachment bytes raises FetchFirst and changes nothing. The
     writes that end it join ``batch``, for the caller to ``write`` before the commit.
+    ``read``: entities read ahead (``read_ahead``); the one used is taken out, so that a
+    later event of the same twin reads what this one wrote.
     """
     twin = twins.get(event.twin_id)
     try:
         with batch.staging():
-            return _apply(event, tracker, _Downloads(), twin)
+            return _apply(event, tracker, _Downloads(), twin, read)
     except _FetchFirst:
         raise FetchFirst(str(event.pk)) from None
     except BaseException:
@@ -759,7 +776,13 @@ def remembered(name: str, read: Callable[[], Any]) -> Any:
     return memo[name]
 
 
-def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads, twin: Twin | None = None) -> bool:
+def _apply(
+    event: SyncEvent,
+    tracker: Tracker,
+    downloads: _Downloads,
+    twin: Twin | None = None,
+    read: dict[str, Entity] | None = None,
+) -> bool:
     with transaction.atomic():
         if twin is None:
             twin = (
@@ -798,7 +821,9 @@ def _apply(event: SyncEvent, tracker: Tracker, downloads: _Downloads, twin: Twin
             twin.state = Twin.State.OK  # someone on the other side chose to sync it again
         rules = connection.active_rules
         replica = event.payload.get("replica") or {}
-        entity = tracker.get(twin.local_key) if twin.local_key else None
+        entity = None
+        if twin.local_key:
+            entity = (read or {}).pop(twin.local_key, None) or tracker.get(twin.local_key)
         try:
             plan = processors.plan_incoming(
                 connection,

@@ -143,13 +143,14 @@ def _apply_batch(events: list[SyncEvent], tracker) -> int:
     try:
         with transaction.atomic():
             twins, batch = flow.lock_twins(events), flow.Batch()
+            read = flow.read_ahead(tracker, twins)
             created = flow.apply_creates(events, tracker, twins, batch)
             applied = bool(created)
             for position, event in enumerate(events):
                 if event.pk in created:
                     continue
                 try:
-                    finished = flow.apply_locked(event, tracker, twins, batch)
+                    finished = flow.apply_locked(event, tracker, twins, batch, read)
                 except TrackerUnavailable as e:
                     outage, rest = e, events[position:]
                     break
