@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from connections.models import Connection, Node
 from connections.scripting import ScriptError, StopSync
-from syncqueue import processors, transport
+from syncqueue import bulk, processors, transport
 from syncqueue.models import Conflict, SyncEvent, Twin
 from syncqueue.replica import replica_hash
 from trackers.base import Entity, Tracker, TrackerError
@@ -184,11 +184,7 @@ def sync_many(connection: Connection, entities, *, tracker: Tracker, versions: d
                     rules_version=rules,
                 )
             )
-        Twin.objects.bulk_update(
-            changed,
-            ["out_seq", "last_sent", "last_sent_hash", "bounces", "sent_fields", "sent_version"],
-            batch_size=500,
-        )
+        bulk.update_rows(changed, ["out_seq", "last_sent", "last_sent_hash", "bounces", "sent_fields", "sent_version"])
         SyncEvent.objects.bulk_create(events, batch_size=500)
         if events:
             kick()
