@@ -716,21 +716,51 @@ def lock_twins(events: list[SyncEvent]) -> dict[int, Twin]:
     return {twin.pk: twin for twin in twins}
 
 
-def read_ahead(tracker: Tracker, twins: dict[int, Twin]) -> dict[str, Entity]:
-    """The entities of ``twins`` (a batch's, locked) read at once, for ``apply_locked`` to take.
+class Ahead:
+    """What a batch reads at once for its events (``read_ahead``); each apply takes its part out."""
+
+    def __init__(self, entities: dict[str, Entity], fields: dict[tuple[int, int], dict]):
+        self.entities = entities  # local key -> entity
+        self.fields = fields  # (twin pk, seq of our message) -> our fields in it
+
+
+def read_ahead(tracker: Tracker, events: list[SyncEvent], twins: dict[int, Twin]) -> Ahead:
+    """The entities of ``twins`` (a batch's, locked), and our fields in the messages of ours
+    that ``events`` say they had seen (``_newly_seen``), each read in one go.
 
     An entity that two of them share (synced on two connections) is left out: the first
     apply changes what the second must read.
     """
-    if not hasattr(tracker, "get_many"):
-        return {}
-    keys = [twin.local_key for twin in twins.values() if twin.local_key]
-    once = [key for key in keys if keys.count(key) == 1] if len(set(keys)) < len(keys) else keys
-    return tracker.get_many(once) if once else {}
+    entities = {}
+    if hasattr(tracker, "get_many"):
+        keys = [twin.local_key for twin in twins.values() if twin.local_key]
+        once = [key for key in keys if keys.count(key) == 1] if len(set(keys)) < len(keys) else keys
+        entities = tracker.get_many(once) if once else {}
+    wanted = {
+        (event.twin_id, seq)
+        for event in events
+        if event.twin_id in twins and event.payload.get("seen")
+        for seq in (event.payload["seen"], twins[event.twin_id].merge_seen)
+        if seq
+    }
+    fields = {}
+    if wanted:
+        found = (
+            SyncEvent.objects.filter(
+                direction=Direction.OUTGOING,
+                twin_id__in={twin for twin, _ in wanted},
+                seq__in={seq for _, seq in wanted},
+            )
+            .exclude(kind=Kind.STOP)
+            .order_by()
+            .values_list("twin_id", "seq", "payload__fields")
+        )
+        fields = {(twin, seq): value for twin, seq, value in found if (twin, seq) in wanted}
+    return Ahead(entities, fields)
 
 
 def apply_locked(
-    event: SyncEvent, tracker: Tracker, twins: dict[int, Twin], batch: Batch, read: dict[str, Entity] | None = None
+    event: SyncEvent, tracker: Tracker, twins: dict[int, Twin], batch: Batch, ahead: Ahead | None = None
 ) -> bool:
     """``apply_incoming`` for one event of a batch applied in one transaction (``lock_twins``).
 
@@ -738,13 +768,13 @@ def apply_locked(
     savepoint. On any error the twin is dropped from ``twins``, to be read again as it now
     is. An event that needs attachment bytes raises FetchFirst and changes nothing. The
     writes that end it join ``batch``, for the caller to ``write`` before the commit.
-    ``read``: entities read ahead (``read_ahead``); the one used is taken out, so that a
-    later event of the same twin reads what this one wrote.
+    ``ahead``: what ``read_ahead`` read; the entity used is taken out, so that a later
+    event of the same twin reads what this one wrote.
     """
     twin = twins.get(event.twin_id)
     try:
         with batch.staging():
-            return _apply(event, tracker, _Downloads(), twin, read)
+            return _apply(event, tracker, _Downloads(), twin, ahead)
     except _FetchFirst:
         raise FetchFirst(str(event.pk)) from None
     except BaseException:
@@ -777,7 +807,7 @@ def _apply(
     tracker: Tracker,
     downloads: _Downloads,
     twin: Twin | None = None,
-    read: dict[str, Entity] | None = None,
+    ahead: Ahead | None = None,
 ) -> bool:
     with transaction.atomic():
         if twin is None:
@@ -819,7 +849,7 @@ def _apply(
         replica = event.payload.get("replica") or {}
         entity = None
         if twin.local_key:
-            entity = (read or {}).pop(twin.local_key, None) or tracker.get(twin.local_key)
+            entity = (ahead.entities.pop(twin.local_key, None) if ahead else None) or tracker.get(twin.local_key)
         try:
             plan = processors.plan_incoming(
                 connection,
@@ -830,7 +860,7 @@ def _apply(
                 twin,
                 find_user=find_user_for(tracker),
                 envelope=event.payload,
-                seen_fields=_newly_seen(twin, event),
+                seen_fields=_newly_seen(twin, event, ahead.fields if ahead else None),
             )
         except StopSync as e:
             # The rules stopped it: say so to the other side too, so that it stops sending.
@@ -974,7 +1004,9 @@ def _fields_as_of(twin: Twin, seq: int) -> dict[str, Any]:
     return found or {}
 
 
-def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
+def _newly_seen(
+    twin: Twin, event: SyncEvent, known: dict[tuple[int, int], dict] | None = None
+) -> dict[str, Any] | None:
     """Our fields' values that the sender of ``event`` had newly applied since its previous message.
 
     Where its value is one of these, it took ours: not a change of its own. A value of ours
@@ -987,12 +1019,15 @@ def _newly_seen(twin: Twin, event: SyncEvent) -> dict[str, Any] | None:
         return {}  # nothing of ours applied there (since its last message)
     # Usually both are messages of ours that carried fields: one query reads the two.
     wanted = [n for n in (seen, twin.merge_seen) if n]
-    found = dict(
-        twin.events.filter(direction=Direction.OUTGOING, seq__in=wanted)
-        .exclude(kind=Kind.STOP)
-        .order_by()
-        .values_list("seq", "payload__fields")
-    )
+    if known is not None and all((twin.pk, n) in known for n in wanted):
+        found = {n: known[twin.pk, n] for n in wanted}  # read ahead for the batch
+    else:
+        found = dict(
+            twin.events.filter(direction=Direction.OUTGOING, seq__in=wanted)
+            .exclude(kind=Kind.STOP)
+            .order_by()
+            .values_list("seq", "payload__fields")
+        )
 
     def fields_at(seq: int) -> dict[str, Any]:
         return (found[seq] or {}) if seq in found else _fields_as_of(twin, seq)

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
 LEASE = timedelta(seconds=90)
 BATCH = 100
-# Fewer incoming at a time, so that their acks go out while the rest is applied.
-INCOMING_BATCH = 20
+# Incoming events applied in one transaction (see _apply_batch): enough to spread its costs,
+# few enough that their acks go out while the next batch is applied.
+INCOMING_BATCH = 50
 # A remote that does not answer is tried again at least this often, however long it is down.
 MAX_SEND_BACKOFF = timedelta(seconds=30)
 # While the local tracker is out, held events try again this often.
@@ -143,14 +144,14 @@ def _apply_batch(events: list[SyncEvent], tracker) -> int:
     try:
         with transaction.atomic():
             twins, batch = flow.lock_twins(events), flow.Batch()
-            read = flow.read_ahead(tracker, twins)
+            ahead = flow.read_ahead(tracker, events, twins)
             created = flow.apply_creates(events, tracker, twins, batch)
             applied = bool(created)
             for position, event in enumerate(events):
                 if event.pk in created:
                     continue
                 try:
-                    finished = flow.apply_locked(event, tracker, twins, batch, read)
+                    finished = flow.apply_locked(event, tracker, twins, batch, ahead)
                 except TrackerUnavailable as e:
                     outage, rest = e, events[position:]
                     break
