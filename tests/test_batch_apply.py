@@ -1,0 +1,124 @@
+"""A claimed batch of incoming events applied in one transaction (worker._apply_batch).
+
+What must hold is what holds one event at a time: each event done or failed on its own,
+first syncs created once each, every update acknowledged, nothing of a failed event kept.
+"""
+
+from unittest import mock
+
+from django.db import connection as db
+from django.test.utils import CaptureQueriesContext
+
+from syncqueue import bulk, worker
+from syncqueue.models import SyncEvent, Twin
+from tests.syncpair import Red, comment, connect_red, use_rules, work
+from trackers.builtin.adapter import BuiltinTracker
+from trackers.builtin.models import Issue
+
+
+def _first_syncs(red: Red, count: int, **fields) -> list[dict]:
+    return [
+        red.update(f"RED-{n}", summary=f"Red issue {n}", comments=[comment(f"c{n}", f"Hello {n}")], **fields)
+        for n in range(1, count + 1)
+    ]
+
+
+def test_a_batch_of_first_syncs_is_created_in_one_write_and_each_acknowledged(project):
+    red = Red(connect_red())
+    messages = _first_syncs(red, 6)
+    red.send(*messages)
+    calls, create_many = [], BuiltinTracker.create_many
+
+    def spy(self, items):
+        calls.append(len(items))
+        return create_many(self, items)
+
+    with mock.patch.object(BuiltinTracker, "create_many", spy):
+        work()
+    assert calls == [6], "one write for all six"
+    for n, message in enumerate(messages, start=1):
+        twin = red.twin(f"RED-{n}")
+        issue = Issue.objects.get(key=twin.local_key)
+        assert issue.summary == f"Red issue {n}"
+        assert [c.body.splitlines()[2] for c in issue.comments.all()] == [f"Hello {n}"]
+        assert twin.comment_map == {f"c{n}": str(issue.comments.get().pk)}
+        assert (twin.in_seq, twin.out_seq, twin.state) == (1, 1, "ok")
+        (ack,) = red.outgoing(twin=twin)
+        assert (ack.kind, ack.payload["acks"], ack.payload["replica"]["summary"]) == (
+            "ack",
+            message["id"],
+            issue.summary,
+        )
+    assert Issue.objects.count() == 6, "each created once"
+    assert set(SyncEvent.objects.filter(direction="incoming").values_list("status", flat=True)) == {"done"}
+    assert sorted(Issue.objects.values_list("number", flat=True)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_first_sync_the_tracker_refuses_fails_alone_and_the_others_are_created(project):
+    red = Red(connect_red())
+    good = _first_syncs(red, 3)
+    bad = red.update("RED-9", summary="Unknown status", status="Nonsense")
+    red.send(good[0], bad, *good[1:])
+    work()
+    assert Issue.objects.count() == 3
+    failed = SyncEvent.objects.get(direction="incoming", message_id=bad["id"])
+    assert failed.status == "failed" and "Unknown status 'Nonsense'" in failed.error
+    assert red.twin("RED-9").state == "blocked" and red.twin("RED-9").local_key is None
+    assert not red.outgoing(twin=red.twin("RED-9")), "no ack for what was not applied"
+    for n in (1, 2, 3):
+        assert red.twin(f"RED-{n}").in_seq == 1 and len(red.outgoing(twin=red.twin(f"RED-{n}"))) == 1
+
+
+def test_a_failing_event_in_a_batch_keeps_nothing_of_its_own_and_costs_the_others_nothing(project):
+    connection = connect_red()
+    red = Red(connection)
+    red.send(*_first_syncs(red, 2))
+    work()
+    # The rules fail on one issue only: its update is rolled back to its savepoint.
+    use_rules(connection, incoming='if replica.summary == "boom":\n    1 / 0\nissue.summary = replica.summary\n')
+    red.send(red.update("RED-1", summary="boom"), red.update("RED-2", summary="fine"))
+    with mock.patch.object(worker, "_apply_each", wraps=worker._apply_each) as one_by_one:
+        work()
+    one_by_one.assert_not_called()
+    assert Issue.objects.get(key=red.twin("RED-2").local_key).summary == "fine"
+    boom = red.twin("RED-1")
+    assert (boom.state, boom.in_seq) == ("blocked", 1) and "ZeroDivisionError" in boom.blocked_reason
+    assert Issue.objects.get(key=boom.local_key).summary == "Red issue 1"
+    assert len(red.outgoing(twin=boom)) == 1, "only the ack of its first sync"
+    assert len(red.outgoing(twin=red.twin("RED-2"))) == 2
+
+
+def test_a_batch_whose_transaction_fails_is_applied_again_one_by_one(project):
+    red = Red(connect_red())
+    red.send(*_first_syncs(red, 3))
+    with mock.patch("syncqueue.flow.Batch.write", side_effect=worker.DatabaseError("the commit failed")):
+        work(rounds=1)
+    assert Issue.objects.count() == 3 and all(red.twin(f"RED-{n}").in_seq == 1 for n in (1, 2, 3))
+    assert SyncEvent.objects.filter(direction="outgoing", kind="ack").count() == 3, "one ack each, none twice"
+
+
+def test_update_rows_writes_json_dates_and_nulls_as_save_would(project):
+    red = Red(connect_red())
+    red.send(*_first_syncs(red, 2))
+    work()
+    twins = list(Twin.objects.order_by("id"))
+    twins[0].last_sent, twins[0].sent_version, twins[0].out_seq = {"summary": 'it\'s "quoted"', "n": [1, 2]}, None, 7
+    twins[1].last_sent, twins[1].sent_version, twins[1].out_seq = None, twins[1].last_synced, 8
+    with CaptureQueriesContext(db) as queries:
+        bulk.update_rows(twins, ["last_sent", "sent_version", "out_seq"])
+    if db.vendor == "postgresql":
+        assert len(queries) == 1
+    first, second = Twin.objects.order_by("id")
+    assert (first.last_sent, first.sent_version, first.out_seq) == ({"summary": 'it\'s "quoted"', "n": [1, 2]}, None, 7)
+    assert (second.last_sent, second.sent_version, second.out_seq) == (None, twins[1].last_synced, 8)
+
+
+def test_get_many_answers_by_the_keys_given_and_leaves_out_those_missing(project):
+    red = Red(connect_red())
+    red.send(*_first_syncs(red, 2))
+    work()
+    keys = [t.local_key for t in Twin.objects.order_by("id")]
+    found = BuiltinTracker().get_many([keys[1].lower(), keys[0], "BLUE-999"])
+    assert set(found) == {keys[1].lower(), keys[0]}
+    assert found[keys[0]] == BuiltinTracker().get(keys[0])
+    assert found[keys[1].lower()].comments == BuiltinTracker().get(keys[1]).comments
