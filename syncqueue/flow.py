@@ -117,7 +117,7 @@ def twin_versions(connection: Connection, keys=None) -> dict[str, int]:
     ``sync_many`` and ``sync_entity`` compare it under the twin's lock: a twin that applied a
     message since has an entity newer than the one read, which is read again.
     """
-    twins = Twin.objects.filter(connection=connection, local_key__isnull=False)
+    twins = Twin.objects.filter(connection=connection, local_key__isnull=False, in_seq__gt=0)  # 0 if missing
     if keys is not None:
         twins = twins.filter(local_key__in=list(keys))
     return dict(twins.values_list("local_key", "in_seq"))

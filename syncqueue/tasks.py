@@ -10,11 +10,13 @@ database); ``runnode`` starts the chain, and a minute schedule restarts it if it
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 
 from django.core.cache import cache
 from django.utils import timezone
+from django_q.brokers import Broker, get_broker
 from django_q.tasks import async_task
 
 from syncqueue import worker
@@ -29,7 +31,19 @@ TICK_PAUSE = 1.0
 def kick() -> None:
     # Many commits in a burst need one worker pass, not one task each.
     if cache.add(KICK_KEY, 1, timeout=0.3):
-        async_task("syncqueue.tasks.work", task_name="syncqueue work", save=False)
+        async_task("syncqueue.tasks.work", task_name="syncqueue work", save=False, broker=_broker())
+
+
+_brokers: dict[int, Broker] = {}
+
+
+def _broker() -> Broker:
+    """This process's broker: without one, each task queued opened (and closed) a connection to Redis."""
+    pid = os.getpid()  # a forked child must not share its parent's connection
+    if pid not in _brokers:
+        _brokers.clear()
+        _brokers[pid] = get_broker()
+    return _brokers[pid]
 
 
 def on_connection_activated(sender, connection, **kwargs) -> None:
@@ -69,7 +83,7 @@ def tick() -> int:
 
 def _enqueue_tick() -> None:
     try:
-        async_task("syncqueue.tasks.tick", task_name="syncqueue tick", save=False)
+        async_task("syncqueue.tasks.tick", task_name="syncqueue tick", save=False, broker=_broker())
     except Exception:
         log.exception("could not queue the next tick; the schedule starts one within a minute or two")
 

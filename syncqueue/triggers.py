@@ -92,8 +92,10 @@ def sync_all_matches(
     tracker = tracker or flow.local_tracker()
     deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
     queued = 0
+    # Read once, before any page: a twin that applies a message during the pass has its entity
+    # read again under its lock, and each twin is on one page only.
+    versions = flow.twin_versions(trigger.connection)
     while True:
-        versions = flow.twin_versions(trigger.connection)
         page = tracker.search(trigger.query, cursor=cursor, limit=200)
         queued += flow.sync_many(trigger.connection, page.entities, tracker=tracker, versions=versions)
         cursor = page.next_cursor
@@ -153,8 +155,8 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
         .values_list("local_key", flat=True)
     )
     queued, cursor = 0, None
+    versions = flow.twin_versions(connection)  # once, before any page (see sync_all_matches)
     while True:
-        versions = flow.twin_versions(connection)
         page = tracker.changed_since(started, cursor=cursor, limit=200)
         sent = _sent_versions(connection, page.entities, tracker)
         wanted = [
