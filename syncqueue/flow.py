@@ -293,7 +293,7 @@ def _queue(
         twin.last_sent_hash = digest or replica_hash(replica)
     if entity is not None:
         payload.update(_envelope(twin.connection, twin, entity))
-    twin.save()
+    _save_twin(twin)
     if acks:
         payload["acks"] = acks
     if restart:
@@ -479,6 +479,7 @@ def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple
         Twin.objects.select_for_update()
         .filter(connection=connection)
         .filter(Q(local_key__in=ours) | Q(remote_key__in=theirs))
+        .only("id", "connection_id", "local_key", "remote_key")  # not the replicas and maps it holds
         .order_by("id")
     )
     by_local = {t.local_key: t for t in twins if t.local_key}
@@ -652,10 +653,12 @@ class Batch:
         self.finished: list[tuple[int, int | None]] = []  # (event pk, rules version pk)
         self.acknowledged: list[tuple[int, str]] = []  # (connection pk, message id of our update)
         self.queued: list[SyncEvent] = []
+        self.twins: list[Twin] | None = None  # saved by the one staging them (apply_creates)
 
     @contextlib.contextmanager
-    def staging(self):
+    def staging(self, twins: list[Twin] | None = None):
         event = Batch()
+        event.twins = twins
         _staging.current = event
         try:
             yield
@@ -693,6 +696,16 @@ class Batch:
 
 
 _staging = threading.local()
+TWIN_FIELDS = [f.name for f in Twin._meta.concrete_fields if not f.primary_key]
+
+
+def _save_twin(twin: Twin) -> None:
+    """``twin.save()``, or kept for one statement with the others where ``apply_creates`` writes them."""
+    staged = _staged()
+    if staged is not None and staged.twins is not None:
+        staged.twins.append(twin)
+    else:
+        twin.save()
 
 
 def _staged() -> Batch | None:
@@ -923,7 +936,7 @@ def _applied(event: SyncEvent, twin: Twin, plan: processors.IncomingPlan, writte
         if getattr(tracker, "shares_database", False):
             _answered.keys = {*getattr(_answered, "keys", ()), (connection.pk, written.key)}
     else:
-        twin.save()
+        _save_twin(twin)
     _finish(event, rules)
 
 
@@ -965,14 +978,16 @@ def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Tw
     items = [
         (plan.project, processors.creation_fields(plan), [op[2] for op in plan.comments]) for _, _, plan in planned
     ]
+    written_twins: list[Twin] = []
     try:
-        with transaction.atomic(), batch.staging():
+        with transaction.atomic(), batch.staging(twins=written_twins):
             with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
                 created = tracker.create_many(items)
             for (event, twin, plan), (written, comments) in zip(planned, created, strict=True):
                 for op, comment in zip(plan.comments, comments, strict=True):
                     twin.comment_map[op[1]] = comment.id
                 _applied(event, twin, plan, written, tracker)
+            bulk.update_rows(written_twins, TWIN_FIELDS)  # now, so that the database holds what later events read
     except Exception:
         for _, twin, _ in planned:
             twins.pop(twin.pk, None)  # changed in memory by the part rolled back: read again

@@ -152,6 +152,7 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     twinned = set(
         Twin.objects.filter(connection=connection)
         .exclude(Q(state=Twin.State.STOPPED) | Q(local_key=None))
+        .order_by()
         .values_list("local_key", flat=True)
     )
     queued, cursor = 0, None
