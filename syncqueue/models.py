@@ -123,6 +123,12 @@ class SyncEvent(models.Model):
             models.Index(fields=["direction", "status", "next_attempt"], name="event_claim_idx"),
             models.Index(fields=["twin", "direction", "seq"], name="event_twin_seq_idx"),
             models.Index(fields=["status", "finished"], name="event_cleanup_idx"),
+            # Every worker pass looks for expired leases; only the few events in flight have one.
+            models.Index(
+                fields=["lease_expires"],
+                condition=Q(status__in=["processing", "sending"]),
+                name="event_lease_idx",
+            ),
         ]
 
     def __str__(self) -> str:
