@@ -7,6 +7,7 @@ crash leaves either all of a step or none of it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import tempfile
@@ -644,21 +645,23 @@ def answered_already(connection_id: int, key: str) -> bool:
 class Batch:
     """The writes that end each event of a batch, made together at its end (``write``).
 
-    While an event is applied (``staging``), its finish, the acks it applies and the
-    messages it queues are kept aside, and join the batch only if the event succeeds: a
-    failed event's savepoint rollback must take them too.
+    While an event is applied (``staging``), its finish, the acks it applies, the
+    messages it queues and its twin's save are kept aside, and join the batch only if the
+    event succeeds: a failed event's savepoint rollback must take them too. A twin saved
+    so is ``dirty`` (its row is behind it until ``write``): ``apply_locked`` keeps a copy
+    before applying another event of it, to fall back on should that one fail.
     """
 
     def __init__(self):
         self.finished: list[tuple[int, int | None]] = []  # (event pk, rules version pk)
         self.acknowledged: list[tuple[int, str]] = []  # (connection pk, message id of our update)
         self.queued: list[SyncEvent] = []
-        self.twins: list[Twin] | None = None  # saved by the one staging them (apply_creates)
+        self.saved: list[Twin] = []
+        self.dirty: dict[int, Twin] = {}
 
     @contextlib.contextmanager
-    def staging(self, twins: list[Twin] | None = None):
+    def staging(self):
         event = Batch()
-        event.twins = twins
         _staging.current = event
         try:
             yield
@@ -667,10 +670,20 @@ class Batch:
         self.finished += event.finished
         self.acknowledged += event.acknowledged
         self.queued += event.queued
+        self.dirty.update((twin.pk, twin) for twin in event.saved)
+
+    def undo(self, twin: Twin, copy: dict[str, Any] | None) -> None:
+        """An event of ``twin`` failed: back to ``copy`` (its state before), saved now, or to its row."""
+        if copy is not None:
+            for name, value in copy.items():
+                setattr(twin, name, value)
+            twin.save()  # the row holds what the events before applied, before the failure is recorded
+        self.dirty.pop(twin.pk, None)
 
     def write(self) -> None:
         """Within the batch's transaction, before it commits."""
         now = timezone.now()
+        bulk.update_rows(list(self.dirty.values()), TWIN_FIELDS)
         SyncEvent.objects.bulk_create(self.queued, batch_size=500)
         by_connection: dict[int, list[str]] = {}
         for connection_id, message_id in self.acknowledged:
@@ -692,7 +705,7 @@ class Batch:
                 lease_expires=None,
                 rules_version_id=rules_id,
             )
-        self.finished, self.acknowledged, self.queued = [], [], []
+        self.finished, self.acknowledged, self.queued, self.dirty = [], [], [], {}
 
 
 _staging = threading.local()
@@ -700,12 +713,16 @@ TWIN_FIELDS = [f.name for f in Twin._meta.concrete_fields if not f.primary_key]
 
 
 def _save_twin(twin: Twin) -> None:
-    """``twin.save()``, or kept for one statement with the others where ``apply_creates`` writes them."""
+    """``twin.save()``, or, in a batch, kept for one statement with the others (``Batch.write``)."""
     staged = _staged()
-    if staged is not None and staged.twins is not None:
-        staged.twins.append(twin)
+    if staged is not None:
+        staged.saved.append(twin)
     else:
         twin.save()
+
+
+def _copy_of(twin: Twin) -> dict[str, Any]:
+    return {f.attname: copy.deepcopy(getattr(twin, f.attname)) for f in Twin._meta.concrete_fields}
 
 
 def _staged() -> Batch | None:
@@ -778,19 +795,25 @@ def apply_locked(
     """``apply_incoming`` for one event of a batch applied in one transaction (``lock_twins``).
 
     Only for a tracker that shares our database: its writes are undone with the event's
-    savepoint. On any error the twin is dropped from ``twins``, to be read again as it now
-    is. An event that needs attachment bytes raises FetchFirst and changes nothing. The
-    writes that end it join ``batch``, for the caller to ``write`` before the commit.
+    savepoint. On any error the twin is dropped from ``twins``, to be read again as the
+    events before left it (``Batch.undo``). An event that needs attachment bytes raises
+    FetchFirst and changes nothing. The writes that end it join ``batch``, for the caller
+    to ``write`` before the commit.
     ``ahead``: what ``read_ahead`` read; the entity used is taken out, so that a later
     event of the same twin reads what this one wrote.
     """
     twin = twins.get(event.twin_id)
+    before = _copy_of(twin) if twin is not None and twin.pk in batch.dirty else None
     try:
         with batch.staging():
             return _apply(event, tracker, _Downloads(), twin, ahead)
     except _FetchFirst:
+        if twin is not None:
+            batch.undo(twin, before)
         raise FetchFirst(str(event.pk)) from None
     except BaseException:
+        if twin is not None:
+            batch.undo(twin, before)
         twins.pop(event.twin_id, None)
         raise
 
@@ -838,7 +861,7 @@ def _apply(
         if event.kind == Kind.STOP:
             twin.state = Twin.State.STOPPED
             twin.in_seq = event.seq
-            twin.save()
+            _save_twin(twin)
             # Our updates the other side will now never acknowledge are finished too.
             SyncEvent.objects.filter(
                 twin=twin, direction=Direction.OUTGOING, kind=Kind.UPDATE, status=Status.SENT
@@ -852,7 +875,7 @@ def _apply(
                 twin.in_seq = event.seq
                 if event.kind == Kind.ACK:
                     _mark_acknowledged(connection, event)
-                    twin.save()
+                    _save_twin(twin)
                 else:
                     _queue(twin, Kind.STOP, None)
                 _finish(event)
@@ -978,16 +1001,14 @@ def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Tw
     items = [
         (plan.project, processors.creation_fields(plan), [op[2] for op in plan.comments]) for _, _, plan in planned
     ]
-    written_twins: list[Twin] = []
     try:
-        with transaction.atomic(), batch.staging(twins=written_twins):
+        with transaction.atomic(), batch.staging():
             with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
                 created = tracker.create_many(items)
             for (event, twin, plan), (written, comments) in zip(planned, created, strict=True):
                 for op, comment in zip(plan.comments, comments, strict=True):
                     twin.comment_map[op[1]] = comment.id
                 _applied(event, twin, plan, written, tracker)
-            bulk.update_rows(written_twins, TWIN_FIELDS)  # now, so that the database holds what later events read
     except Exception:
         for _, twin, _ in planned:
             twins.pop(twin.pk, None)  # changed in memory by the part rolled back: read again

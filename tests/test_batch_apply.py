@@ -122,3 +122,26 @@ def test_get_many_answers_by_the_keys_given_and_leaves_out_those_missing(project
     assert set(found) == {keys[1].lower(), keys[0]}
     assert found[keys[0]] == BuiltinTracker().get(keys[0])
     assert found[keys[1].lower()].comments == BuiltinTracker().get(keys[1]).comments
+
+
+def test_a_failure_after_an_earlier_event_of_the_same_twin_keeps_what_that_one_applied(project):
+    connection = connect_red()
+    red = Red(connection)
+    red.send(*_first_syncs(red, 1))
+    work()
+    use_rules(connection, incoming='if replica.summary == "boom":\n    1 / 0\nissue.summary = replica.summary\n')
+    red.send(red.update("RED-1", summary="first"), red.update("RED-1", summary="boom"))
+    # Both in one batch, as a claim never hands them out (the second waits for the first):
+    # the first leaves the twin's row behind it until the batch writes, the second fails.
+    events = list(SyncEvent.objects.filter(direction="incoming", status="pending").order_by("seq"))
+    SyncEvent.objects.filter(pk__in=[e.pk for e in events]).update(status="processing", lease_owner="test")
+    worker._apply_batch(events, BuiltinTracker())
+    twin = red.twin("RED-1")
+    assert (twin.in_seq, twin.state, twin.last_received["summary"]) == (2, "blocked", "first")
+    assert "ZeroDivisionError" in twin.blocked_reason
+    assert Issue.objects.get(key=twin.local_key).summary == "first"
+    assert [e.status for e in SyncEvent.objects.filter(pk__in=[e.pk for e in events]).order_by("seq")] == [
+        "done",
+        "failed",
+    ]
+    assert len(red.outgoing(twin=twin, kind="ack")) == 2, "the first sync's ack and the first update's"
