@@ -133,11 +133,11 @@ def _apply_batch(events: list[SyncEvent], tracker) -> int:
     """All events in one transaction, each in a savepoint, for a tracker in our own database.
 
     One commit instead of one per event, the twins locked in one query, and the entities of
-    first syncs created together (``flow.apply_creates``). An event that
-    fails is rolled back to its savepoint and recorded as in ``_apply_each``; one that needs
-    attachment bytes ends the batch, and the rest go one by one (the bytes are fetched
-    outside any transaction). Should the batch's transaction itself fail, nothing of it
-    was kept, and the events go one by one.
+    first syncs created together (``flow.apply_creates``). An event that fails is rolled
+    back to its savepoint and recorded as in ``_apply_each``; one that needs attachment
+    bytes ends the batch, and the rest go one by one (the bytes are fetched outside any
+    transaction). Should the batch's transaction itself fail, nothing of it was kept, and
+    the events go one by one.
     """
     rest: list[SyncEvent] = []
     outage, applied = None, False

@@ -171,7 +171,7 @@ _ATTACHMENTS_SQL = (
 READ_CHUNK = 500
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # the counts in use: 1, a batch's, a page's
 def _statements(by: str, count: int) -> tuple[str, str, str, str]:
     tables = _tables()
     marks = ", ".join(["%s"] * count)
