@@ -13,6 +13,7 @@ import logging
 import tempfile
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -573,7 +574,7 @@ def find_user_for(tracker: Tracker):
     return getattr(tracker, "find_user", None)
 
 
-class _FetchFirst(Exception):
+class FetchFirst(Exception):
     """The plan adds attachments whose bytes are not here yet: fetch them outside the transaction."""
 
     def __init__(self, connection: Connection, key: str, metas: list[dict]):
@@ -623,7 +624,7 @@ def apply_incoming(event: SyncEvent, tracker: Tracker) -> bool:
         for _ in range(3):
             try:
                 return _apply(event, tracker, downloads)
-            except _FetchFirst as needed:
+            except FetchFirst as needed:
                 downloads.fetch(needed.connection, needed.key, needed.metas)
         raise transport.RemoteError("the attachments to fetch kept changing; will try again")
     finally:
@@ -682,30 +683,21 @@ class Batch:
 
     def write(self) -> None:
         """Within the batch's transaction, before it commits."""
-        now = timezone.now()
         bulk.update_rows(list(self.dirty.values()), TWIN_FIELDS)
         SyncEvent.objects.bulk_create(self.queued, batch_size=500)
-        by_connection: dict[int, list[str]] = {}
-        for connection_id, message_id in self.acknowledged:
-            by_connection.setdefault(connection_id, []).append(message_id)
-        for connection_id, message_ids in by_connection.items():
-            SyncEvent.objects.filter(
-                connection_id=connection_id, direction=Direction.OUTGOING, message_id__in=message_ids
-            ).exclude(status=Status.DONE).update(status=Status.DONE, finished=now, error="")
-        by_rules: dict[int | None, list[int]] = {}
-        for pk, rules_id in self.finished:
-            by_rules.setdefault(rules_id, []).append(pk)
-        for rules_id, pks in by_rules.items():
-            SyncEvent.objects.filter(pk__in=pks).update(
-                status=Status.DONE,
-                finished=now,
-                error="",
-                error_line=None,
-                lease_owner="",
-                lease_expires=None,
-                rules_version_id=rules_id,
-            )
+        for connection_id, message_ids in _grouped(self.acknowledged).items():
+            _acknowledge(connection_id, message_ids)
+        for rules_id, pks in _grouped((rules_id, pk) for pk, rules_id in self.finished).items():
+            _finish_events(pks, rules_id)
         self.finished, self.acknowledged, self.queued, self.dirty = [], [], [], {}
+
+
+def _grouped(pairs) -> dict:
+    """``(key, value)`` pairs as key -> [values]."""
+    grouped: dict = {}
+    for key, value in pairs:
+        grouped.setdefault(key, []).append(value)
+    return grouped
 
 
 _staging = threading.local()
@@ -727,10 +719,6 @@ def _copy_of(twin: Twin) -> dict[str, Any]:
 
 def _staged() -> Batch | None:
     return getattr(_staging, "current", None)
-
-
-class FetchFirst(Exception):
-    """An event of a batch needs attachment bytes fetched first, outside the batch's transaction."""
 
 
 def lock_twins(events: list[SyncEvent]) -> dict[int, Twin]:
@@ -764,7 +752,8 @@ def read_ahead(tracker: Tracker, events: list[SyncEvent], twins: dict[int, Twin]
     entities = {}
     if hasattr(tracker, "get_many"):
         keys = [twin.local_key for twin in twins.values() if twin.local_key]
-        once = [key for key in keys if keys.count(key) == 1] if len(set(keys)) < len(keys) else keys
+        shared = Counter(keys)
+        once = [key for key in keys if shared[key] == 1]
         entities = tracker.get_many(once) if once else {}
     wanted = {
         (event.twin_id, seq)
@@ -807,14 +796,11 @@ def apply_locked(
     try:
         with batch.staging():
             return _apply(event, tracker, _Downloads(), twin, ahead)
-    except _FetchFirst:
+    except BaseException as error:
         if twin is not None:
             batch.undo(twin, before)
-        raise FetchFirst(str(event.pk)) from None
-    except BaseException:
-        if twin is not None:
-            batch.undo(twin, before)
-        twins.pop(event.twin_id, None)
+        if not isinstance(error, FetchFirst):
+            twins.pop(event.twin_id, None)
         raise
 
 
@@ -887,17 +873,7 @@ def _apply(
         if twin.local_key:
             entity = (ahead.entities.pop(twin.local_key, None) if ahead else None) or tracker.get(twin.local_key)
         try:
-            plan = processors.plan_incoming(
-                connection,
-                rules,
-                replica,
-                twin.last_received,
-                entity,
-                twin,
-                find_user=find_user_for(tracker),
-                envelope=event.payload,
-                seen_fields=_newly_seen(twin, event, ahead.fields if ahead else None),
-            )
+            plan = _plan(event, twin, tracker, entity, ahead)
         except StopSync as e:
             # The rules stopped it: say so to the other side too, so that it stops sending.
             twin.state = Twin.State.STOPPED
@@ -920,7 +896,7 @@ def _apply(
         if connection.remote_url:
             missing = [meta for meta in added if meta["sha256"] not in downloads]
             if missing:
-                raise _FetchFirst(connection, sender_key, missing)  # before anything is written
+                raise FetchFirst(connection, sender_key, missing)  # before anything is written
             fetch = downloads.read_meta
         else:
             # A private remote uploaded the bytes here already: read from the database, no waiting.
@@ -932,6 +908,23 @@ def _apply(
             written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
         _applied(event, twin, plan, written, tracker)
         return True
+
+
+def _plan(
+    event: SyncEvent, twin: Twin, tracker: Tracker, entity: Entity | None, ahead: Ahead | None = None
+) -> processors.IncomingPlan:
+    """What the incoming rules make of ``event`` for ``entity`` (None on a first sync)."""
+    return processors.plan_incoming(
+        twin.connection,
+        twin.connection.active_rules,
+        event.payload.get("replica") or {},
+        twin.last_received,
+        entity,
+        twin,
+        find_user=find_user_for(tracker),
+        envelope=event.payload,
+        seen_fields=_newly_seen(twin, event, ahead.fields if ahead else None),
+    )
 
 
 def _applied(event: SyncEvent, twin: Twin, plan: processors.IncomingPlan, written: Entity, tracker: Tracker) -> None:
@@ -980,17 +973,7 @@ def apply_creates(events: list[SyncEvent], tracker: Tracker, twins: dict[int, Tw
         if twin is None or twin.pk in taken or not _plain_first_sync(event, twin):
             continue
         try:
-            plan = processors.plan_incoming(
-                twin.connection,
-                twin.connection.active_rules,
-                event.payload.get("replica") or {},
-                twin.last_received,
-                None,
-                twin,
-                find_user=find_user_for(tracker),
-                envelope=event.payload,
-                seen_fields=_newly_seen(twin, event),
-            )
+            plan = _plan(event, twin, tracker, None)
         except (StopSync, ScriptError):
             continue
         if plan.create and plan.project and not plan.attachments and all(op[0] == "add" for op in plan.comments):
@@ -1092,15 +1075,21 @@ def _answers_an_older_update(twin: Twin, ack: SyncEvent) -> bool:
 
 
 def _mark_acknowledged(connection: Connection, ack: SyncEvent) -> None:
+    message_id = ack.payload.get("acks")
+    if not message_id:
+        return
     staged = _staged()
     if staged is not None:
-        if ack.payload.get("acks"):
-            staged.acknowledged.append((connection.pk, ack.payload["acks"]))
-        return
-    if ack.payload.get("acks"):
-        SyncEvent.objects.filter(
-            connection=connection, direction=Direction.OUTGOING, message_id=ack.payload["acks"]
-        ).exclude(status=Status.DONE).update(status=Status.DONE, finished=timezone.now(), error="")
+        staged.acknowledged.append((connection.pk, message_id))
+    else:
+        _acknowledge(connection.pk, [message_id])
+
+
+def _acknowledge(connection_id: int, message_ids: list[str]) -> None:
+    """Our updates with these message ids are done: the other side applied them."""
+    SyncEvent.objects.filter(
+        connection_id=connection_id, direction=Direction.OUTGOING, message_id__in=message_ids
+    ).exclude(status=Status.DONE).update(status=Status.DONE, finished=timezone.now(), error="")
 
 
 def _create_first(event: SyncEvent, tracker: Tracker) -> None:
@@ -1139,18 +1128,23 @@ def _create_first(event: SyncEvent, tracker: Tracker) -> None:
 
 
 def _finish(event: SyncEvent, rules=None) -> None:
+    rules_id = rules.pk if rules else event.rules_version_id
     staged = _staged()
     if staged is not None:
-        staged.finished.append((event.pk, rules.pk if rules else event.rules_version_id))
-        return
-    SyncEvent.objects.filter(pk=event.pk).update(
+        staged.finished.append((event.pk, rules_id))
+    else:
+        _finish_events([event.pk], rules_id)
+
+
+def _finish_events(pks: list[int], rules_id: int | None) -> None:
+    SyncEvent.objects.filter(pk__in=pks).update(
         status=Status.DONE,
         finished=timezone.now(),
         error="",
         error_line=None,
         lease_owner="",
         lease_expires=None,
-        rules_version=rules or event.rules_version,
+        rules_version_id=rules_id,
     )
 
 

@@ -69,13 +69,18 @@ def test_a_first_sync_the_tracker_refuses_fails_alone_and_the_others_are_created
         assert red.twin(f"RED-{n}").in_seq == 1 and len(red.outgoing(twin=red.twin(f"RED-{n}"))) == 1
 
 
-def test_a_failing_event_in_a_batch_keeps_nothing_of_its_own_and_costs_the_others_nothing(project):
-    connection = connect_red()
-    red = Red(connection)
-    red.send(*_first_syncs(red, 2))
+def _synced_with_rules_that_fail_on_boom(count: int) -> Red:
+    """``count`` first syncs applied, then rules whose run fails on a summary of "boom"."""
+    red = Red(connect_red())
+    red.send(*_first_syncs(red, count))
     work()
+    use_rules(red.connection, incoming='if replica.summary == "boom":\n    1 / 0\nissue.summary = replica.summary\n')
+    return red
+
+
+def test_a_failing_event_in_a_batch_keeps_nothing_of_its_own_and_costs_the_others_nothing(project):
     # The rules fail on one issue only: its update is rolled back to its savepoint.
-    use_rules(connection, incoming='if replica.summary == "boom":\n    1 / 0\nissue.summary = replica.summary\n')
+    red = _synced_with_rules_that_fail_on_boom(2)
     red.send(red.update("RED-1", summary="boom"), red.update("RED-2", summary="fine"))
     with mock.patch.object(worker, "_apply_each", wraps=worker._apply_each) as one_by_one:
         work()
@@ -125,11 +130,7 @@ def test_get_many_answers_by_the_keys_given_and_leaves_out_those_missing(project
 
 
 def test_a_failure_after_an_earlier_event_of_the_same_twin_keeps_what_that_one_applied(project):
-    connection = connect_red()
-    red = Red(connection)
-    red.send(*_first_syncs(red, 1))
-    work()
-    use_rules(connection, incoming='if replica.summary == "boom":\n    1 / 0\nissue.summary = replica.summary\n')
+    red = _synced_with_rules_that_fail_on_boom(1)
     red.send(red.update("RED-1", summary="first"), red.update("RED-1", summary="boom"))
     # Both in one batch, as a claim never hands them out (the second waits for the first):
     # the first leaves the twin's row behind it until the batch writes, the second fails.
