@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db.models import F, Q
 from django.utils import timezone
@@ -21,7 +21,7 @@ from django_q.tasks import async_task
 from connections.models import Connection, Node, Trigger
 from syncqueue import flow, health
 from syncqueue.models import Twin
-from trackers.base import Entity, Tracker, TrackerError, TrackerUnavailable
+from trackers.base import Tracker, TrackerError, TrackerUnavailable
 from trackers.signals import entity_changed
 
 log = logging.getLogger(__name__)
@@ -123,24 +123,52 @@ def continue_matches(trigger_id: int, cursor: str) -> int:
         return 0
 
 
-def _should_sync(connection: Connection, entity: Entity, tracker: Tracker, twinned: set[str]) -> bool:
-    return entity.key in twinned or any(
-        _matches(t, entity.key, tracker) for t in connection.triggers.filter(active=True)
-    )
+def _should_sync(connection: Connection, key: str, tracker: Tracker, twinned: set[str]) -> bool:
+    return key in twinned or any(_matches(t, key, tracker) for t in connection.triggers.filter(active=True))
 
 
-def _sent_versions(connection: Connection, entities, tracker: Tracker) -> dict:
-    """Key -> the ``updated`` of the entity behind our last message, for a tracker whose every
-    change moves ``updated`` to a new instant (the built-in one): an entity still at that
-    version was sent already, and needs no run of the rules (the sync's own writes among them).
-    Redmine's timestamps are whole seconds, and some of its changes move none: not there."""
-    if not getattr(tracker, "shares_database", False) or not entities:
-        return {}
-    return dict(
-        Twin.objects.filter(connection=connection, local_key__in=[e.key for e in entities], sent_version__isnull=False)
+def _unsent(connection: Connection, versions: dict[str, datetime | None], tracker: Tracker) -> list[str]:
+    """The keys of ``versions`` (key -> ``updated``) not at the version our last message was made from.
+
+    For a tracker whose every change moves ``updated`` to a new instant (the built-in one): an
+    entity still at that version was sent already, and needs no run of the rules (the sync's
+    own writes among them). Redmine's timestamps are whole seconds, and some of its changes
+    move none: there every key is kept.
+    """
+    if not getattr(tracker, "shares_database", False) or not versions:
+        return list(versions)
+    sent = dict(
+        Twin.objects.filter(connection=connection, local_key__in=list(versions), sent_version__isnull=False)
         .order_by()
         .values_list("local_key", "sent_version")
     )
+    return [key for key, updated in versions.items() if sent.get(key) != updated]
+
+
+def _changed_page(connection: Connection, tracker: Tracker, since, cursor: str | None, twinned: set[str]):
+    """One page of changes: the entities to run the rules on, the next cursor and the page's high water.
+
+    A tracker that can list what changed without reading it (``changed_versions``) reads
+    only the entities that need the rules; a poll after a bulk sync finds thousands of the
+    sync's own writes, already sent.
+    """
+    listing = getattr(tracker, "changed_versions", None)
+    if listing is not None:
+        page = listing(since, cursor=cursor, limit=POLL_PAGE)
+        keys = [
+            k
+            for k in _unsent(connection, dict(page.versions), tracker)
+            if _should_sync(connection, k, tracker, twinned)
+        ]
+        entities = list(tracker.get_many(keys).values()) if keys else []
+    else:
+        page = tracker.changed_since(since, cursor=cursor, limit=POLL_PAGE)
+        keys = set(_unsent(connection, {e.key: e.updated for e in page.entities}, tracker))
+        entities = [e for e in page.entities if e.key in keys and _should_sync(connection, e.key, tracker, twinned)]
+    return entities, page.next_cursor, page.high_water
+
+
+POLL_PAGE = 200
 
 
 def poll(connection: Connection, tracker: Tracker | None = None) -> int:
@@ -158,17 +186,10 @@ def poll(connection: Connection, tracker: Tracker | None = None) -> int:
     queued, cursor = 0, None
     versions = flow.twin_versions(connection)  # once, before any page (see sync_all_matches)
     while True:
-        page = tracker.changed_since(started, cursor=cursor, limit=200)
-        sent = _sent_versions(connection, page.entities, tracker)
-        wanted = [
-            entity
-            for entity in page.entities
-            if sent.get(entity.key) != entity.updated and _should_sync(connection, entity, tracker, twinned)
-        ]
+        wanted, cursor, page_high = _changed_page(connection, tracker, started, cursor, twinned)
         queued += flow.sync_many(connection, wanted, tracker=tracker, versions=versions)
-        if page.high_water and (high_water is None or page.high_water > high_water):
-            high_water = page.high_water
-        cursor = page.next_cursor
+        if page_high and (high_water is None or page_high > high_water):
+            high_water = page_high
         if cursor is None:
             break
     if getattr(tracker, "shares_database", False):

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from trackers.base import Attachment, Comment, Entity, NotFound, Page, Person, Tracker, TrackerError
+from trackers.base import Attachment, Comment, Entity, NotFound, Page, Person, Tracker, TrackerError, VersionPage
 
 MAX_PAGES = 50
 
@@ -267,6 +267,28 @@ def check_it_lists_an_entity_after_a_new_comment(h: Harness) -> None:
         comment = after_comment.comments[0]
         h.tracker.update_comment(entity.key, comment.id, "edited")
         assert h.tracker.get(entity.key).updated >= after_comment.updated
+
+
+def check_it_lists_versions_as_it_lists_changes(h: Harness) -> None:
+    """A tracker that lists changes without reading them (``changed_versions``, optional) lists
+    the same entities, at the same versions, page for page, as ``changed_since``."""
+    if not hasattr(h.tracker, "changed_versions"):
+        return
+    since = _start(h)
+    for _ in range(3):
+        h.new()
+    cursor, versions_cursor = None, None
+    for _ in range(MAX_PAGES):
+        page = h.tracker.changed_since(since, cursor=cursor, limit=2)
+        listed = h.tracker.changed_versions(since, cursor=versions_cursor, limit=2)
+        assert isinstance(listed, VersionPage)
+        assert list(listed.versions) == [(e.key, e.updated) for e in page.entities]
+        assert listed.high_water == page.high_water
+        if page.next_cursor is None:
+            assert listed.next_cursor is None
+            return
+        cursor, versions_cursor = page.next_cursor, listed.next_cursor
+    raise AssertionError(f"changed_since did not finish within {MAX_PAGES} pages")
 
 
 def check_it_rejects_an_invalid_cursor(h: Harness) -> None:

@@ -14,7 +14,7 @@ from connections.models import Node
 from syncqueue import flow, health, tasks, triggers
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import blue_issue, connect_red, tracker, use_rules
-from trackers.base import Page, TrackerError, TrackerUnavailable
+from trackers.base import Page, TrackerError, TrackerUnavailable, VersionPage
 from trackers.builtin import actions
 from trackers.builtin.adapter import BuiltinTracker
 from trackers.builtin.models import Comment, Issue
@@ -45,10 +45,15 @@ class Unreported(BuiltinTracker):
     def changed_since(self, since, *, cursor=None, limit=100):
         return Page(())
 
+    def changed_versions(self, since, *, cursor=None, limit=100):
+        return VersionPage(())
+
 
 class Down(BuiltinTracker):
     def changed_since(self, since, *, cursor=None, limit=100):
         raise DOWN
+
+    changed_versions = changed_since
 
 
 def outgoing(connection) -> list[SyncEvent]:
@@ -74,9 +79,9 @@ def test_a_pass_does_not_read_again_what_settled_before_the_last_pass(red, alice
     class Counting(BuiltinTracker):
         read = 0
 
-        def changed_since(self, since, *, cursor=None, limit=100):
-            page = super().changed_since(since, cursor=cursor, limit=limit)
-            Counting.read += len(page.entities)
+        def changed_versions(self, since, *, cursor=None, limit=100):
+            page = super().changed_versions(since, cursor=cursor, limit=limit)
+            Counting.read += len(page.versions)
             return page
 
     assert triggers.poll(red, Counting()) == 3
@@ -99,6 +104,30 @@ def test_a_pass_runs_no_rules_for_an_issue_still_at_the_version_last_sent(red, a
         actions.update_issue(issue, {"summary": "Changed since"}, actor=alice)
         assert triggers.poll(red) == 1
         assert rules.call_count == 1
+
+
+def test_a_pass_reads_only_the_entities_it_runs_rules_on(red, alice):
+    """After a bulk sync a pass finds thousands of the sync's own writes, sent already: the
+    tracker lists their versions, and only a changed one is read."""
+    sent, changed = blue_issue(alice), blue_issue(alice)
+    for issue in (sent, changed):
+        flow.sync_entity(red, issue.key)
+    actions.update_issue(changed, {"summary": "Changed since"}, actor=alice)
+    with mock.patch.object(BuiltinTracker, "get_many", autospec=True, side_effect=BuiltinTracker.get_many) as reads:
+        assert triggers.poll(red) == 1
+    assert [list(call.args[1]) for call in reads.call_args_list] == [[changed.key]]
+
+
+def test_a_pass_without_a_version_listing_reads_its_pages(red, alice):
+    """A tracker without ``changed_versions`` (Redmine) is polled through ``changed_since``."""
+
+    class Plain(BuiltinTracker):
+        changed_versions = None
+
+    issue = blue_issue(alice)
+    assert triggers.poll(red, Plain()) == 1
+    assert outgoing(red)[-1].payload["replica"]["key"] == issue.key
+    assert triggers.poll(red, Plain()) == 0
 
 
 def test_a_pass_leaves_out_entities_no_trigger_matches(project, alice):

@@ -129,6 +129,15 @@ class Page:
     high_water: datetime | None = None
 
 
+@dataclass(frozen=True)
+class VersionPage:
+    """A page of ``changed_versions``: the key and ``updated`` of each entity ``changed_since`` lists."""
+
+    versions: tuple[tuple[str, datetime | None], ...]
+    next_cursor: str | None = None
+    high_water: datetime | None = None
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """What the sync needs from a tracker. Every method raises only TrackerError."""
