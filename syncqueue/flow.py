@@ -486,7 +486,7 @@ def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple
     )
     by_local = {t.local_key: t for t in twins if t.local_key}
     by_remote = {t.remote_key: t for t in twins if t.remote_key}
-    events, refused = [], {}
+    events, refused, new, paired = [], {}, [], []
     for message in messages:
         message_id = str(uuid.UUID(str(message["id"])))
         if message_id in known:
@@ -498,13 +498,17 @@ def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple
         if twin is None:
             twin = by_remote.get(message["key"])
             if twin is None:
-                twin = by_remote[message["key"]] = Twin.objects.create(connection=connection, remote_key=message["key"])
+                twin = by_remote[message["key"]] = Twin(connection=connection, remote_key=message["key"])
+                new.append(twin)
         elif twin.remote_key is None:
             twin.remote_key = message["key"]
-            twin.save(update_fields=["remote_key"])
+            paired.append(twin)
             by_remote[twin.remote_key] = twin
         known.add(message_id)
         events.append(_incoming_event(connection, twin, message))
+    # The twins first: each event takes its twin's new id as it is inserted.
+    Twin.objects.bulk_create(new)
+    bulk.update_rows(paired, ["remote_key"])
     SyncEvent.objects.bulk_create(events)
     return len(events), refused
 
