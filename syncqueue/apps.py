@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.backends.signals import connection_created
 from django.db.models.signals import post_migrate
 
 
@@ -8,10 +9,11 @@ class SyncqueueConfig(AppConfig):
 
     def ready(self) -> None:
         from connections.signals import connection_activated
-        from syncqueue import tasks, triggers, views
+        from syncqueue import bulk, tasks, triggers, views
         from trackers import panels
 
         post_migrate.connect(tasks.ensure_schedule, sender=self)
+        connection_created.connect(bulk.binary_arrays, dispatch_uid="syncqueue.binary_arrays")
         triggers.connect()
         panels.register(views.issue_panel)
         panels.register_elsewhere(views.issue_elsewhere)

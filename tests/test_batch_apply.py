@@ -6,6 +6,7 @@ first syncs created once each, every update acknowledged, nothing of a failed ev
 
 from unittest import mock
 
+import pytest
 from django.db import connection as db
 from django.test.utils import CaptureQueriesContext
 
@@ -116,6 +117,26 @@ def test_update_rows_writes_json_dates_and_nulls_as_save_would(project):
     first, second = Twin.objects.order_by("id")
     assert (first.last_sent, first.sent_version, first.out_seq) == ({"summary": 'it\'s "quoted"', "n": [1, 2]}, None, 7)
     assert (second.last_sent, second.sent_version, second.out_seq) == (None, twins[1].last_synced, 8)
+
+
+@pytest.mark.skipif(db.vendor != "postgresql", reason="PostgreSQL only: how psycopg sends lists")
+def test_lists_go_to_postgresql_as_binary_arrays_and_come_back_whole(project):
+    from psycopg.adapt import PyFormat
+    from psycopg.types.array import ListBinaryDumper
+
+    db.ensure_connection()
+    assert db.connection.adapters.get_dumper(list, PyFormat.AUTO) is ListBinaryDumper
+    red = Red(connect_red())
+    red.send(*_first_syncs(red, 1))
+    twin = Twin.objects.get()
+    odd = {"body": 'a "quote", a \\ backslash, {braces}, NULL, \u00e9\u4e2d \U0001f600', "list": [None, 1.5, True]}
+    SyncEvent.objects.bulk_create(
+        SyncEvent(connection=twin.connection, twin=twin, direction="outgoing", seq=n, payload={**odd, "n": n})
+        for n in (1, 2, 3)
+    )
+    assert [e.payload for e in SyncEvent.objects.filter(direction="outgoing").order_by("seq")] == [
+        {**odd, "n": n} for n in (1, 2, 3)
+    ]
 
 
 def test_get_many_answers_by_the_keys_given_and_leaves_out_those_missing(project):
