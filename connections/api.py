@@ -183,8 +183,8 @@ class SetActive(APIView):
 class TriggerSerializer(serializers.ModelSerializer):
     class Meta:
         model = Trigger
-        fields = ["id", "query", "active", "created", "last_run"]
-        read_only_fields = ["id", "created", "last_run"]
+        fields = ["id", "query", "active", "created", "last_run", "running"]
+        read_only_fields = ["id", "created", "last_run", "running"]
 
     def to_internal_value(self, data):
         if isinstance(data, dict):

@@ -171,12 +171,19 @@ class Trigger(models.Model):
     active = models.BooleanField(default=True)
     created = models.DateTimeField(default=timezone.now, editable=False)
     last_run = models.DateTimeField(null=True, blank=True)
+    # Where a run that outlasted its request goes on: the tracker's cursor of the next page,
+    # which the queue's workers take up between their other work. Empty: no run under way.
+    run_cursor = models.TextField(blank=True, default="")
 
     class Meta:
         ordering = ["connection", "id"]
 
     def __str__(self) -> str:
         return f"{self.connection}: {self.query}"
+
+    @property
+    def running(self) -> bool:
+        return bool(self.run_cursor)
 
 
 class SeenNonce(models.Model):

@@ -14,9 +14,10 @@ import logging
 import time
 from datetime import datetime, timedelta
 
+from django.db import connection as db
+from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
-from django_q.tasks import async_task
 
 from connections.models import Connection, Node, Trigger
 from syncqueue import flow, health
@@ -80,47 +81,73 @@ def on_entity_changed(sender, key: str, change: str, actor=None, **kwargs) -> No
         log.warning("could not sync %s after a change: %s", key, e)
 
 
-def sync_all_matches(
-    trigger: Trigger, tracker: Tracker | None = None, *, budget_seconds: float | None = None, cursor: str | None = None
-) -> int:
+def sync_all_matches(trigger: Trigger, tracker: Tracker | None = None, *, budget_seconds: float | None = None) -> int:
     """Bring every entity matching ``trigger`` under sync; returns how many were queued.
 
-    With ``budget_seconds``, pages stop once the budget is spent and a background task
-    goes on from there (in budgets of its own), so a trigger matching tens of thousands
-    of entities never holds a web request or a task past its time limit.
+    With ``budget_seconds``, pages stop once the budget is spent: the trigger keeps the
+    cursor of the next page (``Trigger.run_cursor``), and the queue's workers go on from
+    there a page at a time between their other work (``continue_runs``). A trigger matching
+    tens of thousands of entities never holds a web request past its time limit, its run
+    survives a restart, and its replicas go out while the rest are still being made.
     """
     tracker = tracker or flow.local_tracker()
     deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
-    queued = 0
+    queued, cursor = 0, None
     # Read once, before any page: a twin that applies a message during the pass has its entity
     # read again under its lock, and each twin is on one page only.
     versions = flow.twin_versions(trigger.connection)
     while True:
-        page = tracker.search(trigger.query, cursor=cursor, limit=200)
-        queued += flow.sync_many(trigger.connection, page.entities, tracker=tracker, versions=versions)
-        cursor = page.next_cursor
+        added, cursor = _run_page(trigger, tracker, cursor, versions)
+        queued += added
         if cursor is None:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            async_task("syncqueue.triggers.continue_matches", trigger.pk, cursor, task_name="syncqueue trigger run")
             return queued
-    Trigger.objects.filter(pk=trigger.pk).update(last_run=timezone.now())
-    return queued
+        if deadline is not None and time.monotonic() > deadline:
+            Trigger.objects.filter(pk=trigger.pk).update(run_cursor=cursor)
+            flow.kick()
+            return queued
 
 
-# A background part of a trigger run stays well inside django-q2's task timeout.
-CONTINUE_BUDGET_SECONDS = 60
+RUN_PAGE = 200
 
 
-def continue_matches(trigger_id: int, cursor: str) -> int:
-    trigger = Trigger.objects.select_related("connection__active_rules").filter(pk=trigger_id).first()
-    if trigger is None:
-        return 0
-    try:
-        return sync_all_matches(trigger, budget_seconds=CONTINUE_BUDGET_SECONDS, cursor=cursor)
-    except (TrackerError, flow.SyncRefused) as e:
-        log.warning("running trigger %s stopped: %s", trigger_id, e)
-        return 0
+def _run_page(trigger: Trigger, tracker: Tracker, cursor: str | None, versions: dict[str, int]):
+    """One page of a trigger's run: how many were queued, and the next page's cursor (None: the run is over)."""
+    page = tracker.search(trigger.query, cursor=cursor, limit=RUN_PAGE)
+    queued = flow.sync_many(trigger.connection, page.entities, tracker=tracker, versions=versions)
+    if page.next_cursor is None:
+        Trigger.objects.filter(pk=trigger.pk).update(last_run=timezone.now(), run_cursor="")
+    return queued, page.next_cursor
+
+
+def continue_runs() -> int:
+    """The next page of a trigger run under way (see ``sync_all_matches``); 0 when none is.
+
+    The trigger's row is locked while its page is made, so that on PostgreSQL two workers
+    never make the same page (each skips a run another has). A run whose connection or
+    rules refuse it, or whose tracker refuses its query, ends with a warning in the log;
+    while the tracker is out it waits for the next pass.
+    """
+    runs = Trigger.objects.exclude(run_cursor="").select_related("connection__active_rules").order_by("id")
+    with transaction.atomic():
+        if db.vendor == "postgresql":
+            runs = runs.select_for_update(skip_locked=True, of=("self",))
+        trigger = runs.first()
+        if trigger is None:
+            return 0
+        try:
+            tracker = flow.local_tracker()
+            versions = flow.twin_versions(trigger.connection)  # before the page is read, as above
+            with transaction.atomic():
+                queued, cursor = _run_page(trigger, tracker, trigger.run_cursor, versions)
+        except TrackerUnavailable:
+            return 0
+        except (TrackerError, flow.SyncRefused) as e:
+            log.warning("running trigger %s stopped: %s", trigger.pk, e)
+            Trigger.objects.filter(pk=trigger.pk).update(run_cursor="")
+            return 0
+        if cursor is not None:
+            Trigger.objects.filter(pk=trigger.pk).update(run_cursor=cursor)
+    return max(queued, 1)  # a page was made: there may be more
 
 
 def _should_sync(connection: Connection, key: str, tracker: Tracker, twinned: set[str]) -> bool:

@@ -14,6 +14,7 @@
 4. Claim a batch of ready outgoing events of active connections and push them to each
    remote in one signed request per connection; a remote that does not answer keeps its
    events pending with backoff.
+5. Make the next page of a trigger run that outlasted its request (``triggers.continue_runs``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from django.utils import timezone
 
 from connections.models import Connection
 from connections.scripting import ScriptError
-from syncqueue import flow, health, transport
+from syncqueue import flow, health, transport, triggers
 from syncqueue.models import SyncEvent, Twin
 from trackers.base import TrackerError, TrackerUnavailable
 
@@ -312,7 +313,7 @@ def drain(budget_seconds: float = 50.0, owner: str | None = None) -> int:
     handled = 0
     reclaim_expired()
     while time.monotonic() < deadline:
-        done = pull_all() + process_incoming(owner) + send_outgoing(owner)
+        done = pull_all() + process_incoming(owner) + send_outgoing(owner) + triggers.continue_runs()
         handled += done
         if not done:
             break

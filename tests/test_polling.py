@@ -11,7 +11,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from connections.models import Node
-from syncqueue import flow, health, tasks, triggers
+from syncqueue import flow, health, tasks, triggers, worker
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import blue_issue, connect_red, tracker, use_rules
 from trackers.base import Page, TrackerError, TrackerUnavailable, VersionPage
@@ -228,18 +228,49 @@ def test_sync_many_leaves_stopped_twins_and_blocks_only_the_failing_one(red, ali
     assert states == {stopped.key: "stopped", failing.key: "blocked", fine.key: "ok"}
 
 
-def test_a_trigger_run_past_its_budget_goes_on_in_the_background(red, alice, monkeypatch):
+def test_a_trigger_run_past_its_budget_goes_on_from_its_cursor_a_page_at_a_time(red, alice):
     for n in range(450):
         blue_issue(alice, summary=f"Many {n}")
-    continued = []
-    monkeypatch.setattr(triggers, "async_task", lambda func, *args, **kwargs: continued.append(args))
-    monkeypatch.setattr(triggers, "CONTINUE_BUDGET_SECONDS", 0)
     trigger = red.triggers.get()
     assert triggers.sync_all_matches(trigger, budget_seconds=0) == 200, "one page, then the budget is spent"
-    [(trigger_id, cursor)] = continued
-    assert triggers.continue_matches(trigger_id, cursor) == 200
-    assert triggers.continue_matches(*continued[-1]) == 50
-    assert len(continued) == 2, "the last part finished the run"
-    assert len(outgoing(red)) == 450
     trigger.refresh_from_db()
-    assert trigger.last_run is not None
+    assert trigger.running and trigger.last_run is None
+    assert triggers.continue_runs() == 200
+    assert triggers.continue_runs() == 50
+    trigger.refresh_from_db()
+    assert not trigger.running and trigger.last_run is not None
+    assert triggers.continue_runs() == 0, "the run is over"
+    assert len(outgoing(red)) == 450
+
+
+def test_the_workers_carry_a_run_on_between_their_other_work(red, alice, monkeypatch):
+    for n in range(250):
+        blue_issue(alice, summary=f"Many {n}")
+    assert triggers.sync_all_matches(red.triggers.get(), budget_seconds=0) == 200
+    monkeypatch.setattr(worker, "send_outgoing", lambda owner: 0)  # no Blue to send to here
+    worker.drain(budget_seconds=30)
+    assert len(outgoing(red)) == 250 and not red.triggers.get().running
+
+
+def test_a_run_the_connection_no_longer_takes_ends_with_a_warning(red, alice, caplog):
+    for n in range(250):
+        blue_issue(alice, summary=f"Many {n}")
+    assert triggers.sync_all_matches(red.triggers.get(), budget_seconds=0) == 200
+    red.__class__.objects.filter(pk=red.pk).update(status="pending")
+    assert triggers.continue_runs() == 0
+    assert not red.triggers.get().running
+    assert "stopped: the connection is not active yet" in caplog.text
+    assert len(outgoing(red)) == 200
+
+
+def test_a_run_waits_while_the_tracker_is_out(red, alice):
+    for n in range(250):
+        blue_issue(alice, summary=f"Many {n}")
+    assert triggers.sync_all_matches(red.triggers.get(), budget_seconds=0) == 200
+    with (
+        mock.patch.object(flow, "local_tracker", return_value=Down()),
+        mock.patch.object(Down, "search", side_effect=DOWN),
+    ):
+        assert triggers.continue_runs() == 0
+    assert red.triggers.get().running
+    assert triggers.continue_runs() == 50
