@@ -45,7 +45,14 @@ class ReadOnly(dict):
     update = setdefault = pop = popitem = clear = __ior__ = _refuse
 
 
+# Values that are neither mappings nor lists, tested by exact type before the slower
+# isinstance against the Mapping ABC: most of what the rules see is text.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _read_only(value):
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, Mapping):
         return ReadOnly(value)
     if isinstance(value, (list, tuple)):
@@ -55,8 +62,10 @@ def _read_only(value):
 
 def to_script(value):
     """Plain data as scripts write it: dicts become ScriptObjects at every level."""
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, Mapping):
-        return ScriptObject({k: to_script(v) for k, v in value.items()})
+        return ScriptObject.of_checked({k: to_script(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return [to_script(v) for v in value]
     return value
@@ -451,8 +460,9 @@ def run_outgoing(connection: Connection, rules: RulesVersion, entity: Entity, tw
         _script(rules, "outgoing"),
         {"issue": ReadOnly(view), "replica": replica, "connection": ConnectionView(connection), "helpers": helpers},
         log=helpers._log,
+        outputs=("replica",),
     )
-    result = to_plain(replica)
+    result = to_plain(replica, checked=True)
     result["key"] = entity.key  # always ours to say, whatever the script wrote
     return result, printed
 
@@ -498,8 +508,9 @@ def plan_incoming(
             "helpers": helpers,
         },
         log=helpers._log,
+        outputs=("issue",),
     )
-    after = to_plain(issue)
+    after = to_plain(issue, checked=True)
     fields = {}
     for name in WRITABLE:
         new = after.get(name)

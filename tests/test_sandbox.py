@@ -318,6 +318,15 @@ def test_it_refuses_oversized_output_built_from_shared_pieces_quickly():
     assert time.monotonic() - started < 0.5
 
 
+def test_only_the_outputs_named_are_checked_after_the_run():
+    source = "previous.body = 'x' * 600_000\nprevious.more = 'y' * 600_000\nreplica.summary = 'fine'"
+    names = {"issue": make_issue(), "replica": ScriptObject(), "previous": ScriptObject(), "helpers": make_helpers()}
+    run_script(compile_script(source, "incoming"), names, outputs=("replica",))
+    assert names["replica"] == {"summary": "fine"}
+    with pytest.raises(ScriptError, match="previous is over the output limit"):
+        run_script(compile_script(source, "incoming"), names)
+
+
 def test_it_refuses_a_value_that_is_not_json_like_where_it_is_written():
     with pytest.raises(ScriptError) as caught:
         run("replica.summary = issue.summary\nreplica.source = issue")

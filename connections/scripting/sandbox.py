@@ -26,7 +26,7 @@ import operator
 import re
 import time
 import types
-from collections.abc import Callable, Mapping, Sized
+from collections.abc import Callable, Collection, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -805,13 +805,16 @@ def run_script(
     time_limit: float = 2.0,
     max_output_bytes: int = 1_000_000,
     log: DebugLog | None = None,
+    outputs: Collection[str] | None = None,
 ) -> list[str]:
     """Runs ``script`` with ``names`` as its globals; returns the lines it printed.
 
     Pass your own ``log`` to hand scripts ``log.debug`` as ``helpers.debug``. Writes reach dicts,
     lists, sets and ScriptObjects only, so other objects in ``names`` are read-only as long as
-    they hand out immutable values or copies. Afterwards each ScriptObject in ``names`` must be
-    JSON-like and at most ``max_output_bytes`` long as JSON.
+    they hand out immutable values or copies. Afterwards each output must be JSON-like and at
+    most ``max_output_bytes`` long as JSON: the ScriptObjects among ``outputs`` (the names the
+    caller takes back; by default every ScriptObject in ``names``). An input the script may
+    write to but nobody reads afterwards needs no check.
 
     Raises ScriptError for whatever goes wrong in the script; StopSync passes through.
     """
@@ -831,9 +834,9 @@ def run_script(
         # Raised outside the handler: the script's own chain, a thousand frames deep after a
         # recursion bomb, would otherwise stay alive with the error and fill every report of it.
         raise failure
-    for key, value in names.items():
-        if isinstance(value, ScriptObject):
-            _check_output(script, key, value, max_output_bytes)
+    for key in names if outputs is None else outputs:
+        if isinstance(names[key], ScriptObject):
+            _check_output(script, key, names[key], max_output_bytes)
     return log.lines
 
 

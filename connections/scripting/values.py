@@ -58,6 +58,14 @@ class ScriptObject(dict):
             raise TypeError(f"a {type(value).__name__} can't be stored in field '{key}'; use {_STORABLE}")
         super().__setitem__(key, value)
 
+    @classmethod
+    def of_checked(cls, fields: dict[str, Any]) -> ScriptObject:
+        """A ScriptObject of ``fields`` whose keys are text and values JSON-like already (plain
+        data handed to a script), filled without checking each write again."""
+        made = cls()
+        dict.update(made, fields)
+        return made
+
     # dict's own versions of these write without calling __setitem__, so they would skip the check.
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
@@ -161,12 +169,15 @@ def _locate(value: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
-def to_plain(value: Any, *, name: str = "value") -> Any:
+def to_plain(value: Any, *, name: str = "value", checked: bool = False) -> Any:
     """``value`` as plain JSON-able data (ScriptObjects become dicts, tuples lists).
 
     Raises TypeError naming the place (``replica.labels[2]``) of anything that isn't JSON-like.
+    ``checked``: ``output_size`` has measured it already (a script's output, once it is done),
+    and it is not measured again.
     """
-    output_size(value, name=name)
+    if not checked:
+        output_size(value, name=name)
     return json.loads(_ENCODER.encode(value))
 
 
