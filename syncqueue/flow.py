@@ -729,13 +729,22 @@ def lock_twins(events: list[SyncEvent]) -> dict[int, Twin]:
     """The twins of ``events``, locked in id order, as every batch locks them: no two batches
     wait on each other, and none holds the tracker's own locks (a project's numbering) while it
     waits for a twin."""
-    twins = (
-        Twin.objects.select_for_update(of=("self",))
-        .select_related("connection__active_rules")
-        .filter(pk__in={e.twin_id for e in events})
-        .order_by("id")
-    )
-    return {twin.pk: twin for twin in twins}
+    twins = Twin.objects.select_for_update().filter(pk__in={e.twin_id for e in events}).order_by("id")
+    return {twin.pk: twin for twin in share_connections(list(twins), rules=True)}
+
+
+def share_connections(rows: list, *, rules: bool = False) -> list:
+    """``rows`` (events or twins), each given its connection, each connection read once: joined
+    to every row, it was built, and its secret decrypted, once per row. ``rules``: with its
+    active rules. A row whose connection was deleted meanwhile (with its rows) is left out."""
+    connections = Connection.objects.filter(pk__in={row.connection_id for row in rows})
+    if rules:
+        connections = connections.select_related("active_rules")
+    found = connections.in_bulk() if rows else {}
+    kept = [row for row in rows if row.connection_id in found]
+    for row in kept:
+        row.connection = found[row.connection_id]
+    return kept
 
 
 class Ahead:

@@ -90,11 +90,27 @@ def claim(direction: str, owner: str, limit: int = BATCH) -> list[SyncEvent]:
         SyncEvent.objects.filter(id__in=ids, status=Status.PENDING).update(
             status=busy, lease_owner=owner, lease_expires=timezone.now() + LEASE
         )
-    return list(
+    events = (
         SyncEvent.objects.filter(id__in=ids, lease_owner=owner, status=busy)
-        .select_related("twin", "connection")
+        .select_related("twin")
+        .defer(*(f"twin__{name}" for name in CLAIM_DEFERS))
         .order_by("twin_id", "seq")
     )
+    return flow.share_connections(list(events))
+
+
+# What a claimed event's twin is not read with: a sender needs its keys, and an apply locks
+# and reads the twin again. (Each is read on first use should anything ask.)
+CLAIM_DEFERS = (
+    "last_sent",
+    "last_received",
+    "comment_map",
+    "attachment_map",
+    "linked_attachments",
+    "merge_base",
+    "sent_fields",
+    "blocked_reason",
+)
 
 
 def process_incoming(owner: str, limit: int = INCOMING_BATCH) -> int:
