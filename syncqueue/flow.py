@@ -951,7 +951,8 @@ def _applied(event: SyncEvent, twin: Twin, plan: processors.IncomingPlan, writte
         twin.merge_base = plan.merge_base
         if event.payload.get("seen") is not None:
             twin.merge_seen = event.payload["seen"]
-    Conflict.objects.bulk_create(Conflict(twin=twin, event=event, **found) for found in plan.conflicts)
+    if plan.conflicts:
+        Conflict.objects.bulk_create(Conflict(twin=twin, event=event, **found) for found in plan.conflicts)
     twin.last_received = replica
     twin.last_received_hash = replica_hash(replica)
     twin.in_seq = event.seq

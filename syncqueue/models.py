@@ -20,7 +20,8 @@ class Twin(models.Model):
         BLOCKED = "blocked", "Blocked"
         STOPPED = "stopped", "Stopped"
 
-    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="twins")
+    # No index of its own: twin_sweep_idx begins with it. (Every index costs each write of a row.)
+    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="twins", db_index=False)
     # Empty until known: the local key until a first incoming sync creates the entity,
     # the remote key until the first acknowledgement names it.
     # NULL, not "", so that the unique constraints ignore twins whose key is not known yet.
@@ -94,8 +95,10 @@ class SyncEvent(models.Model):
         DONE = "done", "Done"
         FAILED = "failed", "Failed"
 
-    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="events")
-    twin = models.ForeignKey(Twin, on_delete=models.CASCADE, related_name="events")
+    # Neither has an index of its own: event_message_unique and event_twin_seq_idx begin with
+    # them. An event's row is written about four times, and each write goes to every index.
+    connection = models.ForeignKey(Connection, on_delete=models.CASCADE, related_name="events", db_index=False)
+    twin = models.ForeignKey(Twin, on_delete=models.CASCADE, related_name="events", db_index=False)
     direction = models.CharField(max_length=10, choices=Direction.choices)
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.UPDATE)
     # Per twin and direction: the order the sender made them in.
