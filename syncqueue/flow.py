@@ -844,83 +844,103 @@ def _apply(
     twin: Twin | None = None,
     ahead: Ahead | None = None,
 ) -> bool:
-    with transaction.atomic():
-        if twin is None:
+    """Apply ``event`` in a transaction of its own, or, given its ``twin`` locked by a batch
+    (``apply_locked``), in the batch's: there only its writes take a savepoint, for most
+    events of a batch (acks that change nothing here) write nothing but what the batch
+    writes at its end, and a savepoint is two more round trips to the database."""
+    if twin is None:
+        with transaction.atomic():
             twin = (
                 Twin.objects.select_for_update(of=("self",))
                 .select_related("connection__active_rules")
                 .get(pk=event.twin_id)
             )
-        connection = twin.connection
-        if event.seq <= twin.in_seq:
-            _finish(event)  # applied before (a redelivery): the effect must happen once
-            return True
-        if event.seq != twin.in_seq + 1:
-            return False  # a gap: wait for the missing message
-        if event.kind == Kind.STOP:
-            twin.state = Twin.State.STOPPED
-            twin.in_seq = event.seq
-            _save_twin(twin)
-            # Our updates the other side will now never acknowledge are finished too.
+            return _apply_to(event, twin, tracker, downloads, None, contextlib.nullcontext)
+    return _apply_to(event, twin, tracker, downloads, ahead, transaction.atomic)
+
+
+def _apply_to(
+    event: SyncEvent,
+    twin: Twin,
+    tracker: Tracker,
+    downloads: _Downloads,
+    ahead: Ahead | None,
+    writes: Callable[[], contextlib.AbstractContextManager],
+) -> bool:
+    """``_apply`` with the twin locked; ``writes`` wraps what writes to the database."""
+    connection = twin.connection
+    if event.seq <= twin.in_seq:
+        _finish(event)  # applied before (a redelivery): the effect must happen once
+        return True
+    if event.seq != twin.in_seq + 1:
+        return False  # a gap: wait for the missing message
+    if event.kind == Kind.STOP:
+        twin.state = Twin.State.STOPPED
+        twin.in_seq = event.seq
+        _save_twin(twin)
+        # Our updates the other side will now never acknowledge are finished too.
+        with writes():
             SyncEvent.objects.filter(
                 twin=twin, direction=Direction.OUTGOING, kind=Kind.UPDATE, status=Status.SENT
             ).update(status=Status.DONE, finished=timezone.now(), error="the other side stopped syncing this")
+        _finish(event)
+        return True
+    if twin.state == Twin.State.STOPPED:
+        if not (event.kind == Kind.UPDATE and event.payload.get("restart")):
+            # Stopped here: messages that crossed the stop change nothing. An update gets a
+            # stop in answer, so its sender closes it instead of waiting for an ack.
+            twin.in_seq = event.seq
+            if event.kind == Kind.ACK:
+                _mark_acknowledged(connection, event)
+                _save_twin(twin)
+            else:
+                _queue(twin, Kind.STOP, None)
             _finish(event)
             return True
-        if twin.state == Twin.State.STOPPED:
-            if not (event.kind == Kind.UPDATE and event.payload.get("restart")):
-                # Stopped here: messages that crossed the stop change nothing. An update gets a
-                # stop in answer, so its sender closes it instead of waiting for an ack.
-                twin.in_seq = event.seq
-                if event.kind == Kind.ACK:
-                    _mark_acknowledged(connection, event)
-                    _save_twin(twin)
-                else:
-                    _queue(twin, Kind.STOP, None)
-                _finish(event)
-                return True
-            twin.state = Twin.State.OK  # someone on the other side chose to sync it again
-        rules = connection.active_rules
-        replica = event.payload.get("replica") or {}
-        entity = None
-        if twin.local_key:
-            entity = (ahead.entities.pop(twin.local_key, None) if ahead else None) or tracker.get(twin.local_key)
-        try:
-            plan = _plan(event, twin, tracker, entity, ahead)
-        except StopSync as e:
-            # The rules stopped it: say so to the other side too, so that it stops sending.
-            twin.state = Twin.State.STOPPED
-            twin.blocked_reason = str(e)
-            twin.in_seq = event.seq
-            _queue(twin, Kind.STOP, None)
-            _finish(event, rules)
-            return True
-        if event.kind == Kind.ACK and event.payload.get("seen") is None and _answers_an_older_update(twin, event):
-            # (A message that says what it had seen of ours is merged field by field instead.)
-            # A later update of ours is on its way: this ack shows the other side before it, so
-            # its field values are older than ours here and must not undo them. Nor may the base
-            # move: a change of theirs it is the first to carry would then look old when their
-            # next message brings it again. (Comments and attachments are merged as usual.)
-            plan.fields, plan.merge_base, plan.conflicts, plan.taken = {}, None, [], {}
-        sender_key = replica.get("key") or twin.remote_key
-        added = [op[2] for op in plan.attachments if op[0] == "add"]
-        if any(not isinstance(meta.get("sha256"), str) for meta in added):
-            raise transport.RemoteError("the replica names an attachment without its sha256", True)
-        if connection.remote_url:
-            missing = [meta for meta in added if meta["sha256"] not in downloads]
-            if missing:
-                raise FetchFirst(connection, sender_key, missing)  # before anything is written
-            fetch = downloads.read_meta
-        else:
-            # A private remote uploaded the bytes here already: read from the database, no waiting.
-            limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
-            fetch = lambda meta: transport.fetch_attachment(connection, sender_key, meta["sha256"], limit)  # noqa: E731
-        # Any error below rolls this whole transaction back: a tracker writing inside it may
-        # skip the savepoints of its own writes.
-        with getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
-            written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
-        _applied(event, twin, plan, written, tracker)
+        twin.state = Twin.State.OK  # someone on the other side chose to sync it again
+    rules = connection.active_rules
+    replica = event.payload.get("replica") or {}
+    entity = None
+    if twin.local_key:
+        entity = (ahead.entities.pop(twin.local_key, None) if ahead else None) or tracker.get(twin.local_key)
+    try:
+        plan = _plan(event, twin, tracker, entity, ahead)
+    except StopSync as e:
+        # The rules stopped it: say so to the other side too, so that it stops sending.
+        twin.state = Twin.State.STOPPED
+        twin.blocked_reason = str(e)
+        twin.in_seq = event.seq
+        _queue(twin, Kind.STOP, None)
+        _finish(event, rules)
         return True
+    if event.kind == Kind.ACK and event.payload.get("seen") is None and _answers_an_older_update(twin, event):
+        # (A message that says what it had seen of ours is merged field by field instead.)
+        # A later update of ours is on its way: this ack shows the other side before it, so
+        # its field values are older than ours here and must not undo them. Nor may the base
+        # move: a change of theirs it is the first to carry would then look old when their
+        # next message brings it again. (Comments and attachments are merged as usual.)
+        plan.fields, plan.merge_base, plan.conflicts, plan.taken = {}, None, [], {}
+    sender_key = replica.get("key") or twin.remote_key
+    added = [op[2] for op in plan.attachments if op[0] == "add"]
+    if any(not isinstance(meta.get("sha256"), str) for meta in added):
+        raise transport.RemoteError("the replica names an attachment without its sha256", True)
+    if connection.remote_url:
+        missing = [meta for meta in added if meta["sha256"] not in downloads]
+        if missing:
+            raise FetchFirst(connection, sender_key, missing)  # before anything is written
+        fetch = downloads.read_meta
+    else:
+        # A private remote uploaded the bytes here already: read from the database, no waiting.
+        limit = settings.TRACKER_MAX_ATTACHMENT_BYTES
+        fetch = lambda meta: transport.fetch_attachment(connection, sender_key, meta["sha256"], limit)  # noqa: E731
+    # Any error below rolls this whole transaction back: a tracker writing inside it may
+    # skip the savepoints of its own writes.
+    if plan.is_empty and not plan.conflicts:
+        writes = contextlib.nullcontext  # an ack that changes nothing here: nothing to undo
+    with writes(), getattr(tracker, "all_or_nothing", contextlib.nullcontext)():
+        written = processors.apply_plan(tracker, plan, twin.local_key, twin, fetch, current=entity)
+        _applied(event, twin, plan, written, tracker)
+    return True
 
 
 def _plan(

@@ -10,9 +10,9 @@ import pytest
 from django.db import connection as db
 from django.test.utils import CaptureQueriesContext
 
-from syncqueue import bulk, worker
+from syncqueue import bulk, flow, worker
 from syncqueue.models import SyncEvent, Twin
-from tests.syncpair import Red, comment, connect_red, use_rules, work
+from tests.syncpair import Red, blue_issue, comment, connect_red, replica, use_rules, work
 from trackers.builtin.adapter import BuiltinTracker
 from trackers.builtin.models import Issue
 
@@ -53,6 +53,32 @@ def test_a_batch_of_first_syncs_is_created_in_one_write_and_each_acknowledged(pr
     assert Issue.objects.count() == 6, "each created once"
     assert set(SyncEvent.objects.filter(direction="incoming").values_list("status", flat=True)) == {"done"}
     assert sorted(Issue.objects.values_list("number", flat=True)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_acks_that_change_nothing_here_take_no_savepoint_each(project, alice):
+    red = Red(connect_red())
+    for n in range(20):
+        flow.sync_entity(red.connection, blue_issue(alice, summary=f"Blue issue {n}").key)
+    updates = red.outgoing()
+    red.send(
+        *(
+            red.message(
+                "ack",
+                f"RED-{n}",
+                remote_key=update.twin.local_key,
+                acks=update.message_id,
+                replica=replica(f"RED-{n}", summary=update.payload["replica"]["summary"], reporter=None),
+            )
+            | {"seen": 1}
+            for n, update in enumerate(updates)
+        )
+    )
+    with CaptureQueriesContext(db) as queries:
+        work()
+    assert all(red.twin(f"RED-{n}").in_seq == 1 for n in range(20))
+    assert {e.status for e in red.outgoing()} == {"done"}, "each update acknowledged"
+    savepoints = [q for q in queries.captured_queries if q["sql"].startswith("SAVEPOINT")]
+    assert len(savepoints) < 5, "a savepoint per event costs two round trips, and these write nothing of their own"
 
 
 def test_a_first_sync_the_tracker_refuses_fails_alone_and_the_others_are_created(project):
