@@ -383,8 +383,9 @@ MESSAGE_FIELDS = {"id", "kind", "seq", "key", "remote_key", "replica", "acks", "
 MAX_SEQ = 2**31 - 1  # the largest sequence number every database column here holds
 
 
-def validate_message(message: Any) -> str | None:
-    """Why ``message`` is malformed, or None."""
+def validate_message(message: Any, *, nul_free: bool = False) -> str | None:
+    """Why ``message`` is malformed, or None. ``nul_free``: the request it came in holds no
+    NUL character anywhere, and its replica need not be searched for one."""
     if not isinstance(message, dict):
         return "a message must be an object"
     unknown = set(message) - MESSAGE_FIELDS
@@ -430,13 +431,14 @@ def validate_message(message: Any) -> str | None:
     # PostgreSQL stores no NUL character in text or JSON; refuse it here rather than fail later.
     if any("\x00" in (message.get(name) or "") for name in ("key", "remote_key", "acks", "changed", "policy")):
         return "text must not contain NUL characters"
-    if message.get("replica") is not None and "\\u0000" in json.dumps(message["replica"]):
+    if not nul_free and message.get("replica") is not None and "\\u0000" in json.dumps(message["replica"]):
         return "the replica must not contain NUL characters"
     return None
 
 
-def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str, Any]:
+def receive(connection: Connection, messages: list[dict[str, Any]], *, nul_free: bool = False) -> dict[str, Any]:
     """Store each valid message once (dedup on its id); answer which were accepted.
+    ``nul_free``: as for ``validate_message``, for all of them.
 
     A batch is stored in one transaction; should that fail (a message delivered twice at
     once, a pairing the batch itself contradicts), each message is stored on its own, so
@@ -444,7 +446,7 @@ def receive(connection: Connection, messages: list[dict[str, Any]]) -> dict[str,
     """
     accepted, rejected, valid = [], {}, []
     for message in messages:
-        problem = validate_message(message)
+        problem = validate_message(message, nul_free=nul_free)
         if problem:
             rejected[str(message.get("id") if isinstance(message, dict) else "?")[:64]] = problem
         else:

@@ -334,6 +334,16 @@ def test_it_rejects_a_message_the_database_cannot_store(client, db, bad):
     assert not SyncEvent.objects.exists()
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_it_finds_a_nul_in_a_replica_however_the_body_is_encoded(client, db, encoding):
+    connection = Connection.objects.create(name="Peer", status=Connection.Status.ACTIVE, secret=PEER_SECRET)
+    message = {"id": str(uuid.uuid4()), "kind": "update", "seq": 1, "key": "P-1", "replica": {"deep": ["a\x00b"]}}
+    response = post_signed(client, connection, json.dumps({"messages": [message]}).encode(encoding))
+    assert response.status_code == 200
+    assert response.json()["rejected"] == {message["id"]: "the replica must not contain NUL characters"}
+    assert not SyncEvent.objects.exists()
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_it_refuses_a_body_with_numbers_json_does_not_have(client, db, constant):
     connection = Connection.objects.create(name="Peer", status=Connection.Status.ACTIVE, secret=PEER_SECRET)
