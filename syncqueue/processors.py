@@ -433,7 +433,7 @@ def _local_value(view: Mapping[str, Any], name: str) -> Any:
     value = view[name]
     if name == "assignee":
         return value["id"] if value else None
-    return to_plain(value)
+    return value if type(value) in _SCALARS else to_plain(value)
 
 
 def marker_scope(connection: Connection) -> str:
