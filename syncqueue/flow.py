@@ -659,12 +659,15 @@ class Batch:
     before applying another event of it, to fall back on should that one fail.
     """
 
-    def __init__(self):
+    def __init__(self, twins: dict[int, Twin] | None = None):
         self.finished: list[tuple[int, int | None]] = []  # (event pk, rules version pk)
         self.acknowledged: list[tuple[int, str]] = []  # (connection pk, message id of our update)
         self.queued: list[SyncEvent] = []
         self.saved: list[Twin] = []
         self.dirty: dict[int, Twin] = {}
+        # The hashes of the replicas each twin's row holds: a replica that did not change is not
+        # written back (a batch of acks changes none of ours; each is some kilobytes of JSON).
+        self.locked = {pk: (t.last_sent_hash, t.last_received_hash) for pk, t in (twins or {}).items()}
 
     @contextlib.contextmanager
     def staging(self):
@@ -685,11 +688,22 @@ class Batch:
             for name, value in copy.items():
                 setattr(twin, name, value)
             twin.save()  # the row holds what the events before applied, before the failure is recorded
+            if twin.pk in self.locked:
+                self.locked[twin.pk] = (twin.last_sent_hash, twin.last_received_hash)
         self.dirty.pop(twin.pk, None)
 
     def write(self) -> None:
         """Within the batch's transaction, before it commits."""
-        bulk.update_rows(list(self.dirty.values()), TWIN_FIELDS)
+        dirty = list(self.dirty.values())
+        fields = TWIN_FIELDS
+        if all(t.pk in self.locked for t in dirty):
+            unchanged = {"last_sent", "last_received"}
+            for twin in dirty:
+                sent, received = self.locked[twin.pk]
+                unchanged -= {"last_sent"} if twin.last_sent_hash != sent else set()
+                unchanged -= {"last_received"} if twin.last_received_hash != received else set()
+            fields = [name for name in TWIN_FIELDS if name not in unchanged]
+        bulk.update_rows(dirty, fields)
         SyncEvent.objects.bulk_create(self.queued, batch_size=500)
         for connection_id, message_ids in _grouped(self.acknowledged).items():
             _acknowledge(connection_id, message_ids)

@@ -160,7 +160,8 @@ def _apply_batch(events: list[SyncEvent], tracker) -> int:
     outage, applied = None, False
     try:
         with transaction.atomic():
-            twins, batch = flow.lock_twins(events), flow.Batch()
+            twins = flow.lock_twins(events)
+            batch = flow.Batch(twins)
             ahead = flow.read_ahead(tracker, events, twins)
             created = flow.apply_creates(events, tracker, twins, batch)
             applied = bool(created)

@@ -55,7 +55,7 @@ def test_a_batch_of_first_syncs_is_created_in_one_write_and_each_acknowledged(pr
     assert sorted(Issue.objects.values_list("number", flat=True)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_acks_that_change_nothing_here_take_no_savepoint_each(project, alice):
+def test_acks_that_change_nothing_here_take_no_savepoint_each_nor_write_our_replicas_back(project, alice):
     red = Red(connect_red())
     for n in range(20):
         flow.sync_entity(red.connection, blue_issue(alice, summary=f"Blue issue {n}").key)
@@ -79,6 +79,8 @@ def test_acks_that_change_nothing_here_take_no_savepoint_each(project, alice):
     assert {e.status for e in red.outgoing()} == {"done"}, "each update acknowledged"
     savepoints = [q for q in queries.captured_queries if q["sql"].startswith("SAVEPOINT")]
     assert len(savepoints) < 5, "a savepoint per event costs two round trips, and these write nothing of their own"
+    [twins_written] = [q["sql"] for q in queries.captured_queries if q["sql"].startswith('UPDATE "syncqueue_twin"')]
+    assert '"last_received" = ' in twins_written and '"last_sent" = ' not in twins_written, "ours did not change"
 
 
 def test_a_first_sync_the_tracker_refuses_fails_alone_and_the_others_are_created(project):
