@@ -128,6 +128,8 @@ def continue_runs() -> int:
     while the tracker is out it waits for the next pass.
     """
     runs = Trigger.objects.exclude(run_cursor="").select_related("connection__active_rules").order_by("id")
+    if not runs.exists():
+        return 0  # the usual answer, asked at every worker pass: no transaction for it
     with transaction.atomic():
         if db.vendor == "postgresql":
             runs = runs.select_for_update(skip_locked=True, of=("self",))
