@@ -50,6 +50,10 @@ class BenchNode(LiveNode):
         redis.Redis.from_url(self.redis_url).flushdb()
         super().prepare()
 
+    def database_url(self) -> str:
+        """The node's own PostgreSQL database, for reading it beside the node."""
+        return self.env["DATABASE_URL"]
+
     @property
     def group(self) -> int | None:
         """The process group of the running node (runnode starts its own session)."""
