@@ -123,7 +123,9 @@ class SyncEvent(models.Model):
             models.UniqueConstraint(fields=["connection", "direction", "message_id"], name="event_message_unique"),
         ]
         indexes = [
-            models.Index(fields=["direction", "status", "next_attempt"], name="event_claim_idx"),
+            # A claim takes the oldest ready events: walked in id order over the pending ones
+            # only, it stops at its batch, however many thousands wait behind it.
+            models.Index(fields=["direction", "id"], condition=Q(status="pending"), name="event_pending_idx"),
             models.Index(fields=["twin", "direction", "seq"], name="event_twin_seq_idx"),
             models.Index(fields=["status", "finished"], name="event_cleanup_idx"),
             # Every worker pass looks for expired leases; only the few events in flight have one.
