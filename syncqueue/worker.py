@@ -334,7 +334,37 @@ def drain(budget_seconds: float = 50.0, owner: str | None = None) -> int:
         handled += done
         if not done:
             break
+        analyze_grown_tables()
     return handled
+
+
+# PostgreSQL plans the queue's queries from its statistics of the tables, which autovacuum
+# refreshes once a tenth of a table has changed, looking once a minute, if it runs at all.
+# A bulk sync grows the queue from nothing to tens of thousands of rows within that minute,
+# and plans made for empty tables (a bitmap scan of every outgoing event for a claim that
+# finds none) cost more with every row. So a busy worker looks every ANALYZE_EVERY seconds.
+QUEUE_TABLES = ["syncqueue_syncevent", "syncqueue_twin"]
+ANALYZE_EVERY = 15.0
+ANALYZE_GROWTH = 0.2  # of the rows a table had at its last analysis
+_last_analysis = [0.0]
+
+
+def analyze_grown_tables() -> list[str]:
+    """ANALYZE the queue's tables that changed by more than ANALYZE_GROWTH since their last
+    analysis (and by a thousand rows); at most once per ANALYZE_EVERY seconds per process."""
+    if db.vendor != "postgresql" or time.monotonic() - _last_analysis[0] < ANALYZE_EVERY:
+        return []
+    _last_analysis[0] = time.monotonic()
+    with db.cursor() as cursor:
+        cursor.execute(
+            "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY(%s) AND n_mod_since_analyze > 1000"
+            " AND n_mod_since_analyze > %s * GREATEST(n_live_tup, 1)",
+            [QUEUE_TABLES, ANALYZE_GROWTH],
+        )
+        grown = [name for (name,) in cursor.fetchall()]
+        for name in grown:
+            cursor.execute(f"ANALYZE {db.ops.quote_name(name)}")
+    return grown
 
 
 def pending_work() -> bool:

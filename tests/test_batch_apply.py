@@ -195,3 +195,21 @@ def test_a_failure_after_an_earlier_event_of_the_same_twin_keeps_what_that_one_a
         "failed",
     ]
     assert len(red.outgoing(twin=twin, kind="ack")) == 2, "the first sync's ack and the first update's"
+
+
+@pytest.mark.skipif(db.vendor != "postgresql", reason="PostgreSQL only: its statistics of the queue's tables")
+@pytest.mark.django_db(transaction=True)
+def test_a_busy_worker_analyzes_the_queue_tables_a_bulk_sync_grew(project, monkeypatch):
+    red = Red(connect_red())
+    red.send(*_first_syncs(red, 1))
+    twin = Twin.objects.get()
+    SyncEvent.objects.bulk_create(
+        SyncEvent(connection=twin.connection, twin=twin, direction="outgoing", seq=n) for n in range(1, 3001)
+    )
+    with db.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, now
+    monkeypatch.setattr(worker, "_last_analysis", [0.0])
+    assert "syncqueue_syncevent" in worker.analyze_grown_tables()
+    assert worker.analyze_grown_tables() == [], "at most once per ANALYZE_EVERY seconds"
+    monkeypatch.setattr(worker, "_last_analysis", [0.0])
+    assert "syncqueue_syncevent" not in worker.analyze_grown_tables(), "analyzed, and not grown since"
