@@ -16,7 +16,7 @@ from typing import Any
 
 from connections.models import Connection, RulesVersion
 from connections.scripting import DebugLog, ScriptObject, StopSync, compile_script, run_script, to_plain
-from syncqueue.replica import entity_view, person_view, plain
+from syncqueue.replica import SCALARS, entity_view, person_view, plain
 from trackers.base import Entity, Tracker, TrackerError
 
 # The last line of every comment the sync writes: the connection (the first 8 hex digits of
@@ -45,13 +45,8 @@ class ReadOnly(dict):
     update = setdefault = pop = popitem = clear = __ior__ = _refuse
 
 
-# Values that are neither mappings nor lists, tested by exact type before the slower
-# isinstance against the Mapping ABC: most of what the rules see is text.
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-
-
 def _read_only(value):
-    if type(value) in _SCALARS:
+    if type(value) in SCALARS:
         return value
     if isinstance(value, Mapping):
         return ReadOnly(value)
@@ -62,7 +57,7 @@ def _read_only(value):
 
 def to_script(value):
     """Plain data as scripts write it: dicts become ScriptObjects at every level."""
-    if type(value) in _SCALARS:
+    if type(value) in SCALARS:
         return value
     if isinstance(value, Mapping):
         return ScriptObject.of_checked({k: to_script(v) for k, v in value.items()})
@@ -433,7 +428,7 @@ def _local_value(view: Mapping[str, Any], name: str) -> Any:
     value = view[name]
     if name == "assignee":
         return value["id"] if value else None
-    return value if type(value) in _SCALARS else to_plain(value)
+    return value if type(value) in SCALARS else to_plain(value)
 
 
 def marker_scope(connection: Connection) -> str:

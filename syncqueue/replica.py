@@ -11,12 +11,14 @@ from typing import Any
 
 from trackers.base import Attachment, Comment, Entity, Person
 
-_SCALARS = frozenset({str, int, float, bool})
+# The exact types of JSON's scalars, tested before the slower isinstance (against the
+# Mapping ABC, say): most values of a replica are text.
+SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def plain(value: Any) -> Any:
     """``value`` as JSON-ready data: dataclasses and mappings to dicts, tuples to lists, times to ISO text."""
-    if value is None or type(value) in _SCALARS or isinstance(value, (str, bool, int, float)):
+    if type(value) in SCALARS or isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (datetime, date)):
         return value.isoformat()
