@@ -12,6 +12,7 @@ import json
 import logging
 import tempfile
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -461,8 +462,28 @@ def receive(connection: Connection, messages: list[dict[str, Any]], *, nul_free:
             kick()
         rejected.update(refused)
         accepted.extend(m["id"] for m in valid if m["id"] not in refused)
-    Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now())
+    note_contact(connection)
     return {"accepted": accepted, "rejected": rejected}
+
+
+# A connection's last contact is shown to the second nowhere: every request writing it made a
+# write, and a wait on the connection's row, of each batch sent or received.
+CONTACT_EVERY = 5.0
+_contacts: dict[int, float] = {}
+
+
+def note_contact(connection: Connection, *, answered: bool = False) -> None:
+    """Record that the remote was heard from (``last_contact``), at most every CONTACT_EVERY
+    seconds per process. ``answered``: it answered our request, which also clears the
+    connection's note of a problem, at once when the connection in hand has one."""
+    now = time.monotonic()
+    if now - _contacts.get(connection.pk, -CONTACT_EVERY) < CONTACT_EVERY and not (
+        answered and connection.status_detail
+    ):
+        return
+    fields = {"last_contact": timezone.now(), **({"status_detail": ""} if answered else {})}
+    Connection.objects.filter(pk=connection.pk).update(**fields)
+    _contacts[connection.pk] = now
 
 
 def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple[int, dict[str, str]]:

@@ -168,7 +168,7 @@ def pull_view(request):
     ):
         return _error(f'Expected {{"confirmed": [message ids]}} with at most {MAX_MESSAGES} ids.', 400)
     events = worker.claim_for_pull(connection, confirmed)
-    Connection.objects.filter(pk=connection.pk).update(last_contact=timezone.now(), status_detail="")
+    flow.note_contact(connection, answered=True)
     return JsonResponse({"messages": [flow.message_of(e) for e in events]})
 
 

@@ -1,7 +1,7 @@
 """The django-q2 tasks that run the queue: a kick when events are queued, and a steady tick.
 
-``kick`` enqueues ``work`` at most a few times a second per process; ``tick`` retries due
-events, reclaims expired leases, polls trackers and pulls from remotes (on a private node)
+``kick`` enqueues ``work`` unless one is queued already; ``tick`` retries due events,
+reclaims expired leases, polls trackers and pulls from remotes (on a private node)
 about once a second for most of a minute, then queues the next tick, so nothing waits
 long for the next kick. One tick runs at a time across all clusters (a lease in the
 database); ``runnode`` starts the chain, and a minute schedule restarts it if it broke.
@@ -17,6 +17,7 @@ from datetime import timedelta
 from django.core.cache import cache
 from django.utils import timezone
 from django_q.brokers import Broker, get_broker
+from django_q.brokers.redis_broker import Redis as RedisBroker
 from django_q.tasks import async_task
 
 from syncqueue import worker
@@ -24,14 +25,32 @@ from syncqueue.models import Lease
 
 log = logging.getLogger(__name__)
 KICK_KEY = "syncqueue:kick"
+# A queued ``work`` that never starts (its cluster died) holds later kicks off at most this
+# long; the tick works the queue meanwhile.
+KICK_HOLD_SECONDS = 10
 TICK_SECONDS = 55
 TICK_PAUSE = 1.0
 
 
 def kick() -> None:
-    # Many commits in a burst need one worker pass, not one task each.
-    if cache.add(KICK_KEY, 1, timeout=0.3):
-        async_task("syncqueue.tasks.work", task_name="syncqueue work", save=False, broker=_broker())
+    """Have a worker look at the queue: queue ``work`` unless one is queued and has not started yet.
+
+    With the Redis broker the mark is shared by the node's processes and ``work`` removes it
+    as it starts, so a commit after that start queues the next one and no commit waits for
+    the tick; a burst of commits still queues one task. The database broker (the demo's)
+    has no such mark: each process queues at most a few a second.
+    """
+    broker = _broker()
+    if isinstance(broker, RedisBroker):
+        wanted = broker.connection.set(_kick_mark(broker), 1, nx=True, ex=KICK_HOLD_SECONDS)
+    else:
+        wanted = cache.add(KICK_KEY, 1, timeout=0.3)
+    if wanted:
+        async_task("syncqueue.tasks.work", task_name="syncqueue work", save=False, broker=broker)
+
+
+def _kick_mark(broker: RedisBroker) -> str:
+    return f"{broker.list_key}:kick"
 
 
 _brokers: dict[int, Broker] = {}
@@ -51,6 +70,9 @@ def on_connection_activated(sender, connection, **kwargs) -> None:
 
 
 def work() -> int:
+    broker = _broker()
+    if isinstance(broker, RedisBroker):
+        broker.connection.delete(_kick_mark(broker))  # before the first look: a later commit kicks again
     return worker.drain(budget_seconds=45)
 
 
@@ -69,6 +91,7 @@ def tick() -> int:
             except Exception:
                 log.exception("polling failed")
             try:
+                worker.reclaim_expired()
                 handled += worker.drain(budget_seconds=max(0.0, deadline - time.monotonic()))
             except Exception:
                 log.exception("working the queue failed")

@@ -119,6 +119,10 @@ def _run_page(trigger: Trigger, tracker: Tracker, cursor: str | None, versions: 
     return queued, page.next_cursor
 
 
+def runs_under_way():
+    return Trigger.objects.exclude(run_cursor="")
+
+
 def continue_runs() -> int:
     """The next page of a trigger run under way (see ``sync_all_matches``); 0 when none is.
 
@@ -127,7 +131,7 @@ def continue_runs() -> int:
     rules refuse it, or whose tracker refuses its query, ends with a warning in the log;
     while the tracker is out it waits for the next pass.
     """
-    runs = Trigger.objects.exclude(run_cursor="").select_related("connection__active_rules").order_by("id")
+    runs = runs_under_way().select_related("connection__active_rules").order_by("id")
     if not runs.exists():
         return 0  # the usual answer, asked at every worker pass: no transaction for it
     with transaction.atomic():

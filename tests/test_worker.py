@@ -66,3 +66,18 @@ def test_an_update_acknowledged_before_its_send_returns_stays_finished(project, 
         worker.send_outgoing("test-worker")
     event.refresh_from_db()
     assert event.status == "done", "not back to 'sent', waiting for an ack that already came"
+
+
+def test_an_idle_pass_asks_one_query_and_a_ready_event_is_seen(project, alice, django_assert_num_queries):
+    from syncqueue import flow
+    from tests.syncpair import connect_red
+    from trackers.builtin import actions
+
+    connection = connect_red()
+    worker.ready_work()  # compiled once per process
+    with django_assert_num_queries(1):
+        assert worker.drain(budget_seconds=5) == 0
+    assert not worker.ready_work()
+    flow.sync_entity(connection, actions.create_issue(project, {"summary": "Ready"}, alice).key)
+    ready = worker.ready_work()
+    assert (ready.outgoing, ready.incoming, ready.pulls, ready.runs) == (True, False, False, False)
