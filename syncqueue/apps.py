@@ -9,11 +9,13 @@ class SyncqueueConfig(AppConfig):
 
     def ready(self) -> None:
         from connections.signals import connection_activated
+        from exalate_web import jsonio
         from syncqueue import bulk, tasks, triggers, views
         from trackers import panels
 
         post_migrate.connect(tasks.ensure_schedule, sender=self)
         connection_created.connect(bulk.binary_arrays, dispatch_uid="syncqueue.binary_arrays")
+        connection_created.connect(jsonio.for_postgresql, dispatch_uid="syncqueue.jsonio")
         triggers.connect()
         panels.register(views.issue_panel)
         panels.register_elsewhere(views.issue_elsewhere)

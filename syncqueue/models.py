@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from connections.models import Connection, RulesVersion
+from exalate_web import jsonio
 
 
 class Twin(models.Model):
@@ -29,20 +30,20 @@ class Twin(models.Model):
     remote_key = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001
     state = models.CharField(max_length=10, choices=State.choices, default=State.OK, db_index=True)
     blocked_reason = models.TextField(blank=True)
-    last_sent = models.JSONField(null=True, blank=True)
+    last_sent = jsonio.JSONField(null=True, blank=True)
     last_sent_hash = models.CharField(max_length=64, blank=True)
     # The last replica received: the base (`previous`) of the next incoming sync.
-    last_received = models.JSONField(null=True, blank=True)
+    last_received = jsonio.JSONField(null=True, blank=True)
     last_received_hash = models.CharField(max_length=64, blank=True)
     # Sequence numbers per direction: the last we gave a message, the last we applied.
     out_seq = models.PositiveIntegerField(default=0)
     in_seq = models.PositiveIntegerField(default=0)
     # Remote comment/attachment id -> local id, for the ones the sync created here.
-    comment_map = models.JSONField(default=dict, blank=True)
-    attachment_map = models.JSONField(default=dict, blank=True)
+    comment_map = jsonio.JSONField(default=dict, blank=True)
+    attachment_map = jsonio.JSONField(default=dict, blank=True)
     # Local attachments in attachment_map that were here already (the same bytes attached on
     # both sides), not copies the sync made: they are still this side's to send.
-    linked_attachments = models.JSONField(default=list, blank=True)
+    linked_attachments = jsonio.JSONField(default=list, blank=True)
     created = models.DateTimeField(default=timezone.now, editable=False)
     last_synced = models.DateTimeField(null=True, blank=True)
     # When polling last looked at the local entity on purpose (see triggers.sweep).
@@ -50,11 +51,11 @@ class Twin(models.Model):
     # Updates sent in a row right after the sync's own write changed the entity: a loop if it grows.
     bounces = models.PositiveSmallIntegerField(default=0)
     # helpers.merge_fields: the other side's values (in local terms) at the last merge.
-    merge_base = models.JSONField(default=dict, blank=True)
+    merge_base = jsonio.JSONField(default=dict, blank=True)
     # Each local field's value as last sent, with the ``changed`` of the message that first
     # carried it: {field: [value, iso time]}. merge_fields dates our side of a conflict by it,
     # and does not take back a value that is only ours returning.
-    sent_fields = models.JSONField(default=dict, blank=True)
+    sent_fields = jsonio.JSONField(default=dict, blank=True)
     # How many of our messages the other side had applied when it made the last one merged.
     merge_seen = models.PositiveIntegerField(null=True, blank=True)
     # The ``updated`` of the entity our last message was made from. A read of the entity no
@@ -105,7 +106,7 @@ class SyncEvent(models.Model):
     seq = models.PositiveIntegerField()
     # The idempotency key: the same message delivered twice is stored and applied once.
     message_id = models.UUIDField(default=uuid.uuid4)
-    payload = models.JSONField(default=dict)
+    payload = jsonio.JSONField(default=dict)
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     next_attempt = models.DateTimeField(default=timezone.now)
@@ -113,7 +114,9 @@ class SyncEvent(models.Model):
     lease_expires = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     error_line = models.PositiveIntegerField(null=True, blank=True)
-    rules_version = models.ForeignKey(RulesVersion, on_delete=models.SET_NULL, null=True, blank=True)
+    # No index: a rules version is deleted only with its connection, and every write of an
+    # event would go to one more index.
+    rules_version = models.ForeignKey(RulesVersion, on_delete=models.SET_NULL, null=True, blank=True, db_index=False)
     created = models.DateTimeField(default=timezone.now)
     finished = models.DateTimeField(null=True, blank=True)
 
@@ -127,7 +130,9 @@ class SyncEvent(models.Model):
             # only, it stops at its batch, however many thousands wait behind it.
             models.Index(fields=["direction", "id"], condition=Q(status="pending"), name="event_pending_idx"),
             models.Index(fields=["twin", "direction", "seq"], name="event_twin_seq_idx"),
-            models.Index(fields=["status", "finished"], name="event_cleanup_idx"),
+            # Retention and the monitor's throughput look at finished events only; an event gets
+            # its entry once, when it finishes, not at each change of status on the way.
+            models.Index(fields=["finished"], condition=Q(status__in=["done", "failed"]), name="event_finished_idx"),
             # Every worker pass looks for expired leases; only the few events in flight have one.
             models.Index(
                 fields=["lease_expires"],
@@ -159,9 +164,9 @@ class Conflict(models.Model):
     twin = models.ForeignKey(Twin, on_delete=models.CASCADE, related_name="conflicts")
     event = models.ForeignKey("SyncEvent", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     field = models.CharField(max_length=40)
-    base = models.JSONField(null=True, blank=True)
-    local = models.JSONField(null=True, blank=True)
-    remote = models.JSONField(null=True, blank=True)
+    base = jsonio.JSONField(null=True, blank=True)
+    local = jsonio.JSONField(null=True, blank=True)
+    remote = jsonio.JSONField(null=True, blank=True)
     chosen = models.CharField(max_length=10, choices=[("local", "Local value kept"), ("remote", "Remote value taken")])
     # The rule that settled it (see processors.Settling).
     policy = models.CharField(max_length=10)

@@ -21,6 +21,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from connections import handshake, signing
 from connections.models import Connection, SeenNonce
+from exalate_web import jsonio
 from exalate_web.api import error_body
 from syncqueue import flow, worker
 from syncqueue.models import Blob, Twin
@@ -102,7 +103,7 @@ def messages_view(request):
     except Refused as e:
         return _error(e.message, e.status)
     try:
-        body = json.loads(request.body, parse_constant=_not_json)
+        body = jsonio.loads(request.body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         return _error("The body must be JSON.", 400)
     messages = body.get("messages") if isinstance(body, dict) else None

@@ -9,7 +9,6 @@ down, slow or answering 5xx) are retried by the worker with backoff, permanent o
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from typing import Any
 
@@ -17,6 +16,7 @@ import requests
 
 from connections import signing
 from connections.models import Connection
+from exalate_web import jsonio
 
 MESSAGES_PATH = "/api/v1/node/messages/"
 ATTACHMENTS_PATH = "/api/v1/node/attachments/"
@@ -84,7 +84,7 @@ def _error_text(response) -> str:
 
 def post_messages(connection: Connection, messages: list[dict[str, Any]]) -> dict[str, Any]:
     """Deliver a batch; returns the receiver's answer ({"accepted": [...], "rejected": {...}})."""
-    body = json.dumps({"messages": messages}, separators=(",", ":")).encode()
+    body = jsonio.dumps({"messages": messages})
     response = _request(connection, "POST", MESSAGES_PATH, body)
     try:
         answer = response.json()
@@ -97,7 +97,7 @@ def post_messages(connection: Connection, messages: list[dict[str, Any]]) -> dic
 
 def pull_messages(connection: Connection, confirmed: list[str]) -> list[dict[str, Any]]:
     """From a private node: confirm what we stored from the last pull and fetch the next messages."""
-    body = json.dumps({"confirmed": confirmed}, separators=(",", ":")).encode()
+    body = jsonio.dumps({"confirmed": confirmed})
     response = _request(connection, "POST", PULL_PATH, body)
     try:
         answer = response.json()

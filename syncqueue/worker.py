@@ -23,7 +23,6 @@ Events whose worker died mid-event (their lease expired) go back to pending at t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -41,6 +40,7 @@ from django.utils import timezone
 
 from connections.models import Connection
 from connections.scripting import ScriptError
+from exalate_web import jsonio
 from syncqueue import flow, health, transport, triggers
 from syncqueue.models import SyncEvent, Twin
 from trackers.base import TrackerError, TrackerUnavailable
@@ -249,7 +249,7 @@ def split_by_size(events: list[SyncEvent], limit: int = MAX_BATCH_BYTES) -> list
     parts: list[list[SyncEvent]] = [[]]
     size = 0
     for event in events:
-        event_size = len(json.dumps(flow.message_of(event), separators=(",", ":")))
+        event_size = len(jsonio.dumps(flow.message_of(event)))
         if parts[-1] and size + event_size > limit:
             parts.append([])
             size = 0

@@ -81,3 +81,25 @@ def test_an_idle_pass_asks_one_query_and_a_ready_event_is_seen(project, alice, d
     flow.sync_entity(connection, actions.create_issue(project, {"summary": "Ready"}, alice).key)
     ready = worker.ready_work()
     assert (ready.outgoing, ready.incoming, ready.pulls, ready.runs) == (True, False, False, False)
+
+
+def test_it_notes_contact_at_most_every_few_seconds_but_clears_a_problem_at_once(project, monkeypatch):
+    from connections.models import Connection
+    from syncqueue import flow
+    from tests.syncpair import connect_red
+
+    connection = connect_red()
+    monkeypatch.setattr(flow, "_contacts", {})
+    flow.note_contact(connection)
+    first = Connection.objects.get(pk=connection.pk).last_contact
+    assert first is not None
+    flow.note_contact(connection)
+    assert Connection.objects.get(pk=connection.pk).last_contact == first, "written again within CONTACT_EVERY"
+    Connection.objects.filter(pk=connection.pk).update(status_detail="The other node does not answer.")
+    connection.refresh_from_db()
+    flow.note_contact(connection, answered=True)
+    connection.refresh_from_db()
+    assert connection.status_detail == "" and connection.last_contact > first
+    monkeypatch.setattr(flow, "CONTACT_EVERY", 0.0)
+    flow.note_contact(connection)
+    assert Connection.objects.get(pk=connection.pk).last_contact > connection.last_contact

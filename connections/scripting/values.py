@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from itertools import repeat
 from json.encoder import encode_basestring_ascii
 from types import NoneType
 from typing import Any
+
+from exalate_web import jsonio
 
 # Deeper nesting than this is a runaway structure, not tracker data.
 MAX_DEPTH = 100
@@ -17,7 +18,6 @@ _STORABLE = "text, numbers, booleans, None, lists and dicts"
 _JSON_CONTAINERS = frozenset({dict, list, tuple})
 _JSON_TYPES = frozenset({str, int, float, bool, NoneType}) | _JSON_CONTAINERS
 _JSON_BASES = (str, int, float, dict, list, tuple)
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 class ScriptObject(dict):
@@ -178,7 +178,7 @@ def to_plain(value: Any, *, name: str = "value", checked: bool = False) -> Any:
     """
     if not checked:
         output_size(value, name=name)
-    return json.loads(_ENCODER.encode(value))
+    return jsonio.loads(jsonio.dumps(value))
 
 
 def output_size(value: Any, *, limit: int | None = None, name: str = "value") -> int:

@@ -13,6 +13,8 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
 
+from exalate_web import jsonio
+
 PROJECT_KEY_PATTERN = r"^[A-Z][A-Z0-9]{1,9}$"
 
 
@@ -84,7 +86,7 @@ class Issue(models.Model):
     reporter = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="reported_issues"
     )
-    custom_fields = models.JSONField(default=dict, blank=True)
+    custom_fields = jsonio.JSONField(default=dict, blank=True)
     created = models.DateTimeField(default=timezone.now)
     # Bumped by every change to the issue, its comments or its attachments.
     updated = models.DateTimeField(default=timezone.now)
