@@ -19,7 +19,6 @@ import orjson
 from django.db import models
 from psycopg.types.json import Jsonb, JsonbBinaryDumper, JsonbDumper
 
-
 # Dates and dataclasses go to ``default`` (or are refused) as the json module has them.
 _AS_JSON_DOES = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 

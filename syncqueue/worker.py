@@ -48,10 +48,12 @@ from trackers.base import TrackerError, TrackerUnavailable
 log = logging.getLogger(__name__)
 Direction, Kind, Status = SyncEvent.Direction, SyncEvent.Kind, SyncEvent.Status
 LEASE = timedelta(seconds=90)
-BATCH = 100
+# Outgoing events claimed, and sent, at once. Each batch has its costs whatever its size (a
+# claim, a request, a commit); at 5,000 issues, twice these sizes took a fifth less CPU.
+BATCH = 200
 # Incoming events applied in one transaction (see _apply_batch): enough to spread its costs,
 # few enough that their acks go out while the next batch is applied.
-INCOMING_BATCH = 50
+INCOMING_BATCH = 100
 # A remote that does not answer is tried again at least this often, however long it is down.
 MAX_SEND_BACKOFF = timedelta(seconds=30)
 # While the local tracker is out, held events try again this often.
