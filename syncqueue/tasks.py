@@ -25,26 +25,28 @@ from syncqueue.models import Lease
 
 log = logging.getLogger(__name__)
 KICK_KEY = "syncqueue:kick"
-# A queued ``work`` that never starts (its cluster died) holds later kicks off at most this
-# long; the tick works the queue meanwhile.
-KICK_HOLD_SECONDS = 10
+# A queued ``work`` that has not started holds later kicks off this long at most. It will
+# see what they announce, but it may wait behind busy workers (a cluster's pusher takes
+# tasks ahead of its workers) while another cluster's idle ones could have helped.
+KICK_HOLD_MS = 300
 TICK_SECONDS = 55
 TICK_PAUSE = 1.0
 
 
 def kick() -> None:
-    """Have a worker look at the queue: queue ``work`` unless one is queued and has not started yet.
+    """Have a worker look at the queue: queue ``work`` unless one was queued in the last
+    KICK_HOLD_MS and has not started yet.
 
     With the Redis broker the mark is shared by the node's processes and ``work`` removes it
-    as it starts, so a commit after that start queues the next one and no commit waits for
-    the tick; a burst of commits still queues one task. The database broker (the demo's)
-    has no such mark: each process queues at most a few a second.
+    as it starts: a commit after that start queues the next one, so no commit waits for the
+    tick, and a burst of commits queues a task or two, not one each. The database broker
+    (the demo's) has no such mark: each process queues at most a few a second.
     """
     broker = _broker()
     if isinstance(broker, RedisBroker):
-        wanted = broker.connection.set(_kick_mark(broker), 1, nx=True, ex=KICK_HOLD_SECONDS)
+        wanted = broker.connection.set(_kick_mark(broker), 1, nx=True, px=KICK_HOLD_MS)
     else:
-        wanted = cache.add(KICK_KEY, 1, timeout=0.3)
+        wanted = cache.add(KICK_KEY, 1, timeout=KICK_HOLD_MS / 1000)
     if wanted:
         async_task("syncqueue.tasks.work", task_name="syncqueue work", save=False, broker=broker)
 
