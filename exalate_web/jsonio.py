@@ -28,7 +28,8 @@ def dumps(value: Any, *, default: Callable[[Any], Any] | None = None) -> bytes:
     try:
         return orjson.dumps(value, default=default, option=_AS_JSON_DOES)
     except orjson.JSONEncodeError:
-        return json.dumps(value, default=default, separators=(",", ":"), ensure_ascii=False).encode()
+        # As before orjson: a lone surrogate, which UTF-8 cannot carry, goes out escaped.
+        return json.dumps(value, default=default, separators=(",", ":")).encode()
 
 
 def loads(data: bytes | str, **fallback: Any) -> Any:

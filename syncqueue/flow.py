@@ -466,8 +466,8 @@ def receive(connection: Connection, messages: list[dict[str, Any]], *, nul_free:
     return {"accepted": accepted, "rejected": rejected}
 
 
-# A connection's last contact is shown to the second nowhere: every request writing it made a
-# write, and a wait on the connection's row, of each batch sent or received.
+# Nothing shows a connection's last contact to the second, and writing it at every batch sent
+# or received cost a write, and a wait for the connection's row, each time.
 CONTACT_EVERY = 5.0
 _contacts: dict[int, float] = {}
 

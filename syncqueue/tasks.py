@@ -1,10 +1,11 @@
 """The django-q2 tasks that run the queue: a kick when events are queued, and a steady tick.
 
-``kick`` enqueues ``work`` unless one is queued already; ``tick`` retries due events,
-reclaims expired leases, polls trackers and pulls from remotes (on a private node)
-about once a second for most of a minute, then queues the next tick, so nothing waits
-long for the next kick. One tick runs at a time across all clusters (a lease in the
-database); ``runnode`` starts the chain, and a minute schedule restarts it if it broke.
+``kick`` enqueues ``work`` unless one was queued just now and has not started; ``tick``
+retries due events, reclaims expired leases, polls trackers and pulls from remotes (on a
+private node) about once a second for most of a minute, then queues the next tick, so
+nothing waits long for the next kick. One tick runs at a time across all clusters (a
+lease in the database); ``runnode`` starts the chain, and a minute schedule restarts it
+if it broke.
 """
 
 from __future__ import annotations

@@ -339,7 +339,7 @@ def drain(budget_seconds: float = 50.0, owner: str | None = None) -> int:
     """Process until nothing is ready or the budget is spent; returns how many events were handled.
 
     Each pass first asks in one query what it would find (``ready_work``): most passes are
-    the last one, which finds nothing, and it costs one round trip instead of seven.
+    the last one, which finds nothing, and it costs one round trip instead of eight.
     """
     owner = owner or worker_id()
     deadline = time.monotonic() + budget_seconds

@@ -26,6 +26,7 @@ def test_it_takes_the_json_modules_way_for_what_orjson_refuses():
     assert jsonio.loads(jsonio.dumps({1: "one"})) == {"1": "one"}, "keys become text, as json has them"
     assert jsonio.loads(b'{"big": 1180591620717411303424}') == {"big": BIG}
     assert math.isnan(jsonio.loads("NaN"))
+    assert jsonio.loads(jsonio.dumps({"odd": "\ud800"})) == {"odd": "\ud800"}, "a lone surrogate, escaped"
 
 
 def test_it_refuses_what_json_refuses():
