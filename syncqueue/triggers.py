@@ -131,9 +131,8 @@ def continue_runs() -> int:
     rules refuse it, or whose tracker refuses its query, ends with a warning in the log;
     while the tracker is out it waits for the next pass.
     """
+    # Called only when the worker's probe (``worker.ready_work``) saw a run under way.
     runs = runs_under_way().select_related("connection__active_rules").order_by("id")
-    if not runs.exists():
-        return 0  # the usual answer, asked at every worker pass: no transaction for it
     with transaction.atomic():
         if db.vendor == "postgresql":
             runs = runs.select_for_update(skip_locked=True, of=("self",))

@@ -73,7 +73,9 @@ def reclaim_expired() -> int:
 
 
 def _ready(direction: str, now=None):
-    now = now or timezone.now()
+    """Events ready to claim; ``now`` may be an expression (the probe uses the database's clock)."""
+    if now is None:
+        now = timezone.now()
     events = SyncEvent.objects.filter(direction=direction, status=Status.PENDING, next_attempt__lte=now)
     if direction == Direction.INCOMING:
         # Next in sequence, or already applied (a redelivery, which is marked done without effect).
