@@ -7,7 +7,7 @@ import uuid
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models, transaction
+from django.db import models
 from django.utils import timezone
 
 from connections.crypto import EncryptedTextField
@@ -52,10 +52,10 @@ class Node(models.Model):
     def local(cls) -> Node:
         node = cls.objects.order_by("id").first()
         if node is None:
-            with transaction.atomic():
-                node = cls.objects.select_for_update().order_by("id").first() or cls.objects.create(
-                    name=settings.NODE_NAME, url=settings.NODE_URL
-                )
+            # Every process of a new node may get here at once. A lock on an empty table holds
+            # nothing back, so the row has a fixed key: the losers of the race read the winner's
+            # row (and its node_id) instead of adding their own.
+            node, _ = cls.objects.get_or_create(pk=1, defaults={"name": settings.NODE_NAME, "url": settings.NODE_URL})
         if (node.name, node.url) != (settings.NODE_NAME, settings.NODE_URL):
             node.name, node.url = settings.NODE_NAME, settings.NODE_URL
             node.save(update_fields=["name", "url"])

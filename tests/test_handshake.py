@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import threading
+import time
 import uuid
 from datetime import timedelta
 from unittest import mock
@@ -494,3 +496,39 @@ def test_it_passes_on_the_initiators_refusal():
     ):
         handshake._post("http://blue.example/api/v1/node/handshake/", {})
     assert caught.value.status == 502
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_process_of_a_new_node_gets_the_same_identity():
+    # A new node's web and queue processes all ask for its identity at once. Had two of them
+    # made a row each, an invitation could carry one node_id and its confirmation the other,
+    # and the pairing would fail as "could not be verified".
+    if db.vendor == "sqlite":
+        pytest.skip("SQLite serialises writers; the race needs PostgreSQL (run with DATABASE_URL)")
+    Node.objects.all().delete()
+    start = threading.Barrier(6)
+    seen, errors = [], []
+    save = Node.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(0.2)  # widens the race: all six have looked before any one has written
+        return save(self, *args, **kwargs)
+
+    def ask():
+        try:
+            start.wait(timeout=10)
+            seen.append(Node.local().node_id)
+        except Exception as e:  # reported below; a thread must not die silently
+            errors.append(e)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    with mock.patch.object(Node, "save", slow_save):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert errors == []
+    assert Node.objects.count() == 1
+    assert set(seen) == {Node.local().node_id}
