@@ -89,24 +89,31 @@ def _ready(direction: str, now=None):
 
 
 def claim(direction: str, owner: str, limit: int = BATCH) -> list[SyncEvent]:
+    """Lease up to ``limit`` ready events to ``owner``, in twin and sequence order.
+
+    The events are read whole under their row locks and leased by one UPDATE: two
+    statements, where reading their ids first and the rows after the lease took three.
+    """
     busy = Status.PROCESSING if direction == Direction.INCOMING else Status.SENDING
     with transaction.atomic():
-        candidates = _ready(direction).order_by("id")
+        candidates = (
+            _ready(direction).select_related("twin").defer(*(f"twin__{name}" for name in CLAIM_DEFERS)).order_by("id")
+        )
         if db.vendor == "postgresql":
             candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-        ids = list(candidates.values_list("id", flat=True)[:limit])
-        if not ids:
+        events = list(candidates[:limit])
+        if not events:
             return []
-        SyncEvent.objects.filter(id__in=ids, status=Status.PENDING).update(
-            status=busy, lease_owner=owner, lease_expires=timezone.now() + LEASE
+        expires = timezone.now() + LEASE
+        # Row locks (PostgreSQL) or the write lock taken at BEGIN (SQLite) keep every event
+        # read pending until this UPDATE, so all of them are ours.
+        SyncEvent.objects.filter(id__in=[e.pk for e in events]).update(
+            status=busy, lease_owner=owner, lease_expires=expires
         )
-    events = (
-        SyncEvent.objects.filter(id__in=ids, lease_owner=owner, status=busy)
-        .select_related("twin")
-        .defer(*(f"twin__{name}" for name in CLAIM_DEFERS))
-        .order_by("twin_id", "seq")
-    )
-    return flow.share_connections(list(events))
+    for event in events:
+        event.status, event.lease_owner, event.lease_expires = busy, owner, expires
+    events.sort(key=lambda e: (e.twin_id, e.seq))
+    return flow.share_connections(events)
 
 
 # What a claimed event's twin is not read with: a sender needs its keys, and an apply locks
