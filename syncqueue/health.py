@@ -9,6 +9,7 @@ itself at the first call that succeeds.
 from __future__ import annotations
 
 import logging
+import time
 
 from django.utils import timezone
 
@@ -17,9 +18,16 @@ from trackers.base import TrackerError
 
 log = logging.getLogger(__name__)
 STATE_ID = 1
+# A process that found the tracker working asks again to clear a problem at most this often:
+# every applied batch asked, a write each time, though there is almost never a problem. A
+# problem this process recorded is cleared at its next success all the same.
+OK_EVERY = 5.0
+_ok_at: float | None = None
 
 
 def tracker_failed(error: TrackerError) -> None:
+    global _ok_at
+    _ok_at = None
     now = timezone.now()
     state, created = TrackerState.objects.get_or_create(
         pk=STATE_ID, defaults={"problem": str(error), "needs_action": error.permanent, "since": now, "checked": now}
@@ -33,7 +41,12 @@ def tracker_failed(error: TrackerError) -> None:
 
 
 def tracker_ok() -> None:
-    """The tracker answered: clear a recorded problem (one cheap UPDATE when there is none)."""
+    """The tracker answered: clear a recorded problem (one cheap UPDATE, at most every OK_EVERY seconds)."""
+    global _ok_at
+    now = time.monotonic()
+    if _ok_at is not None and now - _ok_at < OK_EVERY:
+        return
+    _ok_at = now
     if (
         TrackerState.objects.filter(pk=STATE_ID)
         .exclude(problem="")

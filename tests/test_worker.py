@@ -103,3 +103,29 @@ def test_it_notes_contact_at_most_every_few_seconds_but_clears_a_problem_at_once
     monkeypatch.setattr(flow, "CONTACT_EVERY", 0.0)
     flow.note_contact(connection)
     assert Connection.objects.get(pk=connection.pk).last_contact > connection.last_contact
+
+
+def test_a_working_tracker_is_noted_at_most_every_few_seconds_but_its_own_problem_clears_at_once(
+    db, monkeypatch, django_assert_num_queries
+):
+    from syncqueue import health
+    from syncqueue.models import TrackerState
+    from trackers.base import TrackerUnavailable
+
+    monkeypatch.setattr(health, "_ok_at", None)
+    health.tracker_ok()
+    with django_assert_num_queries(0):
+        health.tracker_ok()  # within OK_EVERY: nothing to ask
+    # Another process recorded a problem: it is cleared once OK_EVERY has passed here.
+    TrackerState.objects.create(pk=health.STATE_ID, problem="Redmine does not answer")
+    health.tracker_ok()
+    assert health.problem() is not None
+    monkeypatch.setattr(health, "OK_EVERY", 0.0)
+    health.tracker_ok()
+    assert health.problem() is None
+    # A problem this process recorded is cleared at its next success, however soon.
+    monkeypatch.setattr(health, "OK_EVERY", 60.0)
+    health.tracker_failed(TrackerUnavailable("Redmine does not answer", permanent=False))
+    assert health.problem() is not None
+    health.tracker_ok()
+    assert health.problem() is None
