@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from connections import handshake, signing
 from connections.models import Connection, Invitation, SeenNonce
+from syncqueue import node_api
 from syncqueue.models import SyncEvent, Twin
 from tests.helpers import assert_error
 from tests.test_handshake import Acceptor, RemoteInitiator
@@ -142,16 +143,37 @@ def test_it_accepts_a_request_signed_just_inside_the_window(client, red):
 # --- replayed --------------------------------------------------------------------------------
 
 
-def test_it_refuses_a_replay_after_old_nonces_were_cleaned_up(client, red):
+def test_it_refuses_a_replay_after_old_nonces_were_cleaned_up(client, red, monkeypatch):
     """Cleaning up forgets only nonces older than any request the window still lets in."""
     body = batch()
     headers = signed(red, "POST", MESSAGES, body)
     assert post(client, body, headers).status_code == 200
     SeenNonce.objects.update(seen=timezone.now() - timedelta(seconds=signing.WINDOW_SECONDS - 1))
+    stale = SeenNonce.objects.create(
+        connection=red, nonce="0" * 32, seen=timezone.now() - timedelta(seconds=2 * signing.WINDOW_SECONDS + 1)
+    )
+    monkeypatch.setattr(node_api, "_nonces_cleaned_at", None)
     other = batch(key="RED-2")
     assert post(client, other, signed(red, "POST", MESSAGES, other)).status_code == 200  # runs the cleanup
+    assert not SeenNonce.objects.filter(pk=stale.pk).exists()
     assert_error(post(client, body, headers), 401, text="replayed")
     assert SyncEvent.objects.count() == 2
+
+
+def test_old_nonces_are_cleaned_up_at_most_once_a_minute_per_process(client, red, monkeypatch):
+    monkeypatch.setattr(node_api, "_nonces_cleaned_at", None)
+    first = batch()
+    assert post(client, first, signed(red, "POST", MESSAGES, first)).status_code == 200
+    stale = SeenNonce.objects.create(
+        connection=red, nonce="0" * 32, seen=timezone.now() - timedelta(seconds=2 * signing.WINDOW_SECONDS + 1)
+    )
+    second = batch(key="RED-2")
+    assert post(client, second, signed(red, "POST", MESSAGES, second)).status_code == 200
+    assert SeenNonce.objects.filter(pk=stale.pk).exists(), "cleaned again within NONCE_CLEANUP_SECONDS"
+    monkeypatch.setattr(node_api, "NONCE_CLEANUP_SECONDS", 0.0)
+    third = batch(key="RED-3")
+    assert post(client, third, signed(red, "POST", MESSAGES, third)).status_code == 200
+    assert not SeenNonce.objects.filter(pk=stale.pk).exists()
 
 
 def test_it_refuses_a_replayed_attachment_request(client, red, issue_with_attachment):
