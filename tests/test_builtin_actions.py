@@ -220,3 +220,23 @@ def test_an_update_after_the_issue_changed_since_the_read_answers_with_that_chan
     assert [c.body for c in answer.comments] == ["Written meanwhile"]
     assert answer.labels == ("new",)
     assert answer == tracker.get(issue.key)
+
+
+def test_a_read_takes_two_queries_and_keeps_each_kind_of_detail_in_order(project, alice, django_assert_num_queries):
+    issue = actions.create_issue(project, {"summary": "Read", "labels": ["zeta", "alpha"]}, alice)
+    actions.add_comments(issue, ["first", "second", "third"], actor=alice)
+    actions.add_attachment(issue, "b.txt", io.BytesIO(b"b"), None, alice)
+    actions.add_attachment(issue, "a.txt", io.BytesIO(b"a"), None, alice)
+    other = actions.create_issue(project, {"summary": "Other", "labels": ["beta"]}, alice)
+    actions.add_comment(other, "elsewhere", actor=alice)
+    tracker = BuiltinTracker(account="sync")
+    with django_assert_num_queries(2):
+        entity = tracker.get(issue.key)
+    assert entity.labels == ("alpha", "zeta")
+    assert [c.body for c in entity.comments] == ["first", "second", "third"]
+    assert [a.filename for a in entity.attachments] == ["b.txt", "a.txt"]
+    assert all(c.created and c.updated and c.author.id == alice.username for c in entity.comments)
+    assert entity.attachments[1].open().read() == b"a" and entity.attachments[0].size == 1
+    both = tracker.get_many([issue.key, other.key])
+    assert [c.body for c in both[other.key].comments] == ["elsewhere"] and both[other.key].labels == ("beta",)
+    assert both[issue.key] == entity
