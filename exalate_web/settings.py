@@ -174,6 +174,12 @@ Q_CLUSTER = {
     "save_limit": 0 if not REDIS_URL else -1,
     "bulk": 10,
     "ack_failures": True,
+    # django-q2 replaces a worker after 500 tasks by default: at a steady 20 changes a second
+    # that was a new process every half minute, whose first tasks paid for a new database
+    # connection and cold caches (prepared statements, compiled rules) in the latency's tail.
+    # Workers stay flat in memory; one that grows past max_rss (KB) is replaced all the same.
+    "recycle": 20000,
+    "max_rss": 200 * 1024,
 }
 if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
