@@ -217,6 +217,9 @@ def _replica_of(connection: Connection, rules, entity: Entity, twin: Twin, track
 
 
 def _sync_account_id(tracker: Tracker) -> str | None:
+    known = getattr(tracker, "sync_account_id", None)
+    if known is not None:
+        return known()
     try:
         return tracker.sync_account().id
     except TrackerError:

@@ -331,6 +331,8 @@ def check_it_names_the_sync_account_on_its_writes(h: Harness) -> None:
     if entity.updated_by is not None:
         assert entity.updated_by.id == account.id, "a write by the sync must be recognisable as ours"
     assert h.tracker.sync_account() == account, "the sync account is stable"
+    if hasattr(h.tracker, "sync_account_id"):
+        assert h.tracker.sync_account_id() == account.id, "sync_account_id is sync_account().id, without asking"
 
 
 CHECKS: list[Callable[[Harness], None]] = [

@@ -189,6 +189,8 @@ class Tracker(Protocol):
     def sync_account(self) -> Person:
         """The account the sync writes as, so its own writes can be recognised."""
 
+    # Optional: ``sync_account_id() -> str``, ``sync_account().id`` where the tracker knows it
+    # without asking (the sync compares it with the author of every change it reads).
     # Optional: ``find_user(person: Mapping) -> str | None``, the local user id matching a
     # remote person (by email, then id), for ``helpers.find_user``; without it nobody matches.
 

@@ -407,6 +407,10 @@ class BuiltinTracker:
     def sync_account(self) -> Person:
         return actions.person(self._actor())
 
+    def sync_account_id(self) -> str:
+        # A person's id here is the username (``actions.person``): no query needed.
+        return self.account
+
     @_translated
     def create(self, project: str, fields: Mapping[str, Any]) -> Entity:
         return self.create_with_comments(project, fields, [])[0]
