@@ -68,8 +68,8 @@ def authenticate(request, body: bytes | None = None) -> Connection:
 
 
 _RECORD_NONCE = (
-    f"INSERT INTO {SeenNonce._meta.db_table} (connection_id, nonce, seen) VALUES (%s, %s, %s) "  # noqa: S608 - the model's table
-    "ON CONFLICT (connection_id, nonce) DO NOTHING RETURNING id"
+    f"INSERT INTO {db.ops.quote_name(SeenNonce._meta.db_table)} (connection_id, nonce, seen) "  # noqa: S608 - the model's table
+    "VALUES (%s, %s, %s) ON CONFLICT (connection_id, nonce) DO NOTHING RETURNING id"
 )
 
 

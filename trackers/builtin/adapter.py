@@ -445,8 +445,8 @@ class BuiltinTracker:
 
     @_translated
     def update(self, key: str, fields: Mapping[str, Any]) -> Entity:
-        # Read once, locked, with all that the answer needs; changed in place and returned
-        # without reading it again (the sync applies an update per incoming message).
+        # Locked once here (update_issue does not lock again); the answer is the issue read
+        # after the write, as the tracker now holds it (two statements, see _read_many).
         with actions.atomic_block():
             if not isinstance(key, str):
                 raise NotFound(f"no issue {key!r}")
