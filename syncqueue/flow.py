@@ -12,7 +12,6 @@ import json
 import logging
 import tempfile
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from django.utils import timezone
 from connections.models import Connection, Node
 from connections.scripting import ScriptError, StopSync
 from syncqueue import bulk, processors, transport
+from syncqueue.every import Every
 from syncqueue.models import Conflict, SyncEvent, Twin
 from syncqueue.replica import replica_hash
 from trackers.base import Entity, Tracker, TrackerError
@@ -471,22 +471,17 @@ def receive(connection: Connection, messages: list[dict[str, Any]], *, nul_free:
 
 # Nothing shows a connection's last contact to the second, and writing it at every batch sent
 # or received cost a write, and a wait for the connection's row, each time.
-CONTACT_EVERY = 5.0
-_contacts: dict[int, float] = {}
+_contact = Every(5.0)
 
 
 def note_contact(connection: Connection, *, answered: bool = False) -> None:
-    """Record that the remote was heard from (``last_contact``), at most every CONTACT_EVERY
-    seconds per process. ``answered``: it answered our request, which also clears the
+    """Record that the remote was heard from (``last_contact``), at most every few seconds per
+    process and connection. ``answered``: it answered our request, which also clears the
     connection's note of a problem, at once when the connection in hand has one."""
-    now = time.monotonic()
-    if now - _contacts.get(connection.pk, -CONTACT_EVERY) < CONTACT_EVERY and not (
-        answered and connection.status_detail
-    ):
+    if not _contact.due(connection.pk, force=answered and bool(connection.status_detail)):
         return
     fields = {"last_contact": timezone.now(), **({"status_detail": ""} if answered else {})}
     Connection.objects.filter(pk=connection.pk).update(**fields)
-    _contacts[connection.pk] = now
 
 
 def _store_many(connection: Connection, messages: list[dict[str, Any]]) -> tuple[int, dict[str, str]]:

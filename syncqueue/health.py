@@ -9,10 +9,10 @@ itself at the first call that succeeds.
 from __future__ import annotations
 
 import logging
-import time
 
 from django.utils import timezone
 
+from syncqueue.every import Every
 from syncqueue.models import TrackerState
 from trackers.base import TrackerError
 
@@ -21,13 +21,11 @@ STATE_ID = 1
 # A process that found the tracker working asks again to clear a problem at most this often:
 # every applied batch asked, a write each time, though there is almost never a problem. A
 # problem this process recorded is cleared at its next success all the same.
-OK_EVERY = 5.0
-_ok_at: float | None = None
+_ok = Every(5.0)
 
 
 def tracker_failed(error: TrackerError) -> None:
-    global _ok_at
-    _ok_at = None
+    _ok.reset()
     now = timezone.now()
     state, created = TrackerState.objects.get_or_create(
         pk=STATE_ID, defaults={"problem": str(error), "needs_action": error.permanent, "since": now, "checked": now}
@@ -41,12 +39,9 @@ def tracker_failed(error: TrackerError) -> None:
 
 
 def tracker_ok() -> None:
-    """The tracker answered: clear a recorded problem (one cheap UPDATE, at most every OK_EVERY seconds)."""
-    global _ok_at
-    now = time.monotonic()
-    if _ok_at is not None and now - _ok_at < OK_EVERY:
+    """The tracker answered: clear a recorded problem (one cheap UPDATE, at most every few seconds)."""
+    if not _ok.due():
         return
-    _ok_at = now
     if (
         TrackerState.objects.filter(pk=STATE_ID)
         .exclude(problem="")

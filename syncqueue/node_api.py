@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -26,6 +25,7 @@ from connections.models import Connection, SeenNonce
 from exalate_web import jsonio
 from exalate_web.api import error_body
 from syncqueue import flow, worker
+from syncqueue.every import Every
 from syncqueue.models import Blob, Twin
 from trackers.base import TrackerError
 
@@ -89,16 +89,12 @@ def _first_use(connection: Connection, nonce: str) -> bool:
 
 # Old nonces are forgotten at most this often per process; the time window refuses their
 # requests anyway, so they need not go at every request.
-NONCE_CLEANUP_SECONDS = 60.0
-_nonces_cleaned_at: float | None = None
+_nonce_cleanup = Every(60.0)
 
 
 def forget_old_nonces() -> None:
-    global _nonces_cleaned_at
-    now = time.monotonic()
-    if _nonces_cleaned_at is not None and now - _nonces_cleaned_at < NONCE_CLEANUP_SECONDS:
+    if not _nonce_cleanup.due():
         return
-    _nonces_cleaned_at = now
     SeenNonce.objects.filter(seen__lt=timezone.now() - timedelta(seconds=2 * signing.WINDOW_SECONDS)).delete()
 
 

@@ -42,6 +42,7 @@ from connections.models import Connection
 from connections.scripting import ScriptError
 from exalate_web import jsonio
 from syncqueue import flow, health, transport, triggers
+from syncqueue.every import Every
 from syncqueue.models import SyncEvent, Twin
 from trackers.base import TrackerError, TrackerUnavailable
 
@@ -414,19 +415,17 @@ PROBE_AHEAD = timedelta(seconds=1)
 # refreshes once a tenth of a table has changed, looking once a minute, if it runs at all.
 # A bulk sync grows the queue from nothing to tens of thousands of rows within that minute,
 # and plans made for empty tables (a bitmap scan of every outgoing event for a claim that
-# finds none) cost more with every row. So a busy worker looks every ANALYZE_EVERY seconds.
+# finds none) cost more with every row. So a busy worker looks every 15 seconds.
 QUEUE_TABLES = ["syncqueue_syncevent", "syncqueue_twin"]
-ANALYZE_EVERY = 15.0
+_analysis = Every(15.0)
 ANALYZE_GROWTH = 0.2  # of the rows a table had at its last analysis
-_last_analysis = [0.0]
 
 
 def analyze_grown_tables() -> list[str]:
     """ANALYZE the queue's tables that changed by more than ANALYZE_GROWTH since their last
-    analysis (and by a thousand rows); at most once per ANALYZE_EVERY seconds per process."""
-    if db.vendor != "postgresql" or time.monotonic() - _last_analysis[0] < ANALYZE_EVERY:
+    analysis (and by a thousand rows); at most every 15 seconds per process."""
+    if db.vendor != "postgresql" or not _analysis.due():
         return []
-    _last_analysis[0] = time.monotonic()
     with db.cursor() as cursor:
         cursor.execute(
             "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY(%s) AND n_mod_since_analyze > 1000"

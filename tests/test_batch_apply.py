@@ -11,6 +11,7 @@ from django.db import connection as db
 from django.test.utils import CaptureQueriesContext
 
 from syncqueue import bulk, flow, worker
+from syncqueue.every import Every
 from syncqueue.models import SyncEvent, Twin
 from tests.syncpair import Red, blue_issue, comment, connect_red, replica, use_rules, work
 from trackers.builtin.adapter import BuiltinTracker
@@ -208,8 +209,8 @@ def test_a_busy_worker_analyzes_the_queue_tables_a_bulk_sync_grew(project, monke
     )
     with db.cursor() as cursor:
         cursor.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, now
-    monkeypatch.setattr(worker, "_last_analysis", [0.0])
+    monkeypatch.setattr(worker, "_analysis", Every(15.0))
     assert "syncqueue_syncevent" in worker.analyze_grown_tables()
-    assert worker.analyze_grown_tables() == [], "at most once per ANALYZE_EVERY seconds"
-    monkeypatch.setattr(worker, "_last_analysis", [0.0])
+    assert worker.analyze_grown_tables() == [], "at most once every 15 seconds"
+    worker._analysis.reset()
     assert "syncqueue_syncevent" not in worker.analyze_grown_tables(), "analyzed, and not grown since"

@@ -23,6 +23,7 @@ from django.utils import timezone
 from connections import handshake, signing
 from connections.models import Connection, Invitation, SeenNonce
 from syncqueue import node_api
+from syncqueue.every import Every
 from syncqueue.models import SyncEvent, Twin
 from tests.helpers import assert_error
 from tests.test_handshake import Acceptor, RemoteInitiator
@@ -152,7 +153,7 @@ def test_it_refuses_a_replay_after_old_nonces_were_cleaned_up(client, red, monke
     stale = SeenNonce.objects.create(
         connection=red, nonce="0" * 32, seen=timezone.now() - timedelta(seconds=2 * signing.WINDOW_SECONDS + 1)
     )
-    monkeypatch.setattr(node_api, "_nonces_cleaned_at", None)
+    monkeypatch.setattr(node_api, "_nonce_cleanup", Every(60.0))
     other = batch(key="RED-2")
     assert post(client, other, signed(red, "POST", MESSAGES, other)).status_code == 200  # runs the cleanup
     assert not SeenNonce.objects.filter(pk=stale.pk).exists()
@@ -161,7 +162,7 @@ def test_it_refuses_a_replay_after_old_nonces_were_cleaned_up(client, red, monke
 
 
 def test_old_nonces_are_cleaned_up_at_most_once_a_minute_per_process(client, red, monkeypatch):
-    monkeypatch.setattr(node_api, "_nonces_cleaned_at", None)
+    monkeypatch.setattr(node_api, "_nonce_cleanup", Every(60.0))
     first = batch()
     assert post(client, first, signed(red, "POST", MESSAGES, first)).status_code == 200
     stale = SeenNonce.objects.create(
@@ -169,8 +170,8 @@ def test_old_nonces_are_cleaned_up_at_most_once_a_minute_per_process(client, red
     )
     second = batch(key="RED-2")
     assert post(client, second, signed(red, "POST", MESSAGES, second)).status_code == 200
-    assert SeenNonce.objects.filter(pk=stale.pk).exists(), "cleaned again within NONCE_CLEANUP_SECONDS"
-    monkeypatch.setattr(node_api, "NONCE_CLEANUP_SECONDS", 0.0)
+    assert SeenNonce.objects.filter(pk=stale.pk).exists(), "cleaned again within a minute"
+    monkeypatch.setattr(node_api._nonce_cleanup, "seconds", 0.0)
     third = batch(key="RED-3")
     assert post(client, third, signed(red, "POST", MESSAGES, third)).status_code == 200
     assert not SeenNonce.objects.filter(pk=stale.pk).exists()

@@ -2,6 +2,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 from syncqueue import worker
+from syncqueue.every import Every
 
 
 def test_it_splits_a_batch_so_that_no_request_grows_too_large():
@@ -89,18 +90,18 @@ def test_it_notes_contact_at_most_every_few_seconds_but_clears_a_problem_at_once
     from tests.syncpair import connect_red
 
     connection = connect_red()
-    monkeypatch.setattr(flow, "_contacts", {})
+    monkeypatch.setattr(flow, "_contact", Every(5.0))
     flow.note_contact(connection)
     first = Connection.objects.get(pk=connection.pk).last_contact
     assert first is not None
     flow.note_contact(connection)
-    assert Connection.objects.get(pk=connection.pk).last_contact == first, "written again within CONTACT_EVERY"
+    assert Connection.objects.get(pk=connection.pk).last_contact == first, "written again within 5 s"
     Connection.objects.filter(pk=connection.pk).update(status_detail="The other node does not answer.")
     connection.refresh_from_db()
     flow.note_contact(connection, answered=True)
     connection.refresh_from_db()
     assert connection.status_detail == "" and connection.last_contact > first
-    monkeypatch.setattr(flow, "CONTACT_EVERY", 0.0)
+    monkeypatch.setattr(flow._contact, "seconds", 0.0)
     flow.note_contact(connection)
     assert Connection.objects.get(pk=connection.pk).last_contact > connection.last_contact
 
@@ -112,19 +113,19 @@ def test_a_working_tracker_is_noted_at_most_every_few_seconds_but_its_own_proble
     from syncqueue.models import TrackerState
     from trackers.base import TrackerUnavailable
 
-    monkeypatch.setattr(health, "_ok_at", None)
+    monkeypatch.setattr(health, "_ok", Every(5.0))
     health.tracker_ok()
     with django_assert_num_queries(0):
-        health.tracker_ok()  # within OK_EVERY: nothing to ask
-    # Another process recorded a problem: it is cleared once OK_EVERY has passed here.
+        health.tracker_ok()  # within 5 s: nothing to ask
+    # Another process recorded a problem: it is cleared once 5 s have passed here.
     TrackerState.objects.create(pk=health.STATE_ID, problem="Redmine does not answer")
     health.tracker_ok()
     assert health.problem() is not None
-    monkeypatch.setattr(health, "OK_EVERY", 0.0)
+    monkeypatch.setattr(health._ok, "seconds", 0.0)
     health.tracker_ok()
     assert health.problem() is None
     # A problem this process recorded is cleared at its next success, however soon.
-    monkeypatch.setattr(health, "OK_EVERY", 60.0)
+    monkeypatch.setattr(health._ok, "seconds", 60.0)
     health.tracker_failed(TrackerUnavailable("Redmine does not answer", permanent=False))
     assert health.problem() is not None
     health.tracker_ok()
